@@ -1,0 +1,221 @@
+"""Robust LM loss benchmark (DESIGN §6): fused vs naive TempNet loss, with plain-CE references.
+
+Each (size, variant) runs forward+backward in its own subprocess, so peaks don't mix:
+  CPU   peak extra RSS = VmHWM after the runs − VmRSS after setup (the high-water mark is reset via
+        /proc/self/clear_refs once inputs exist), so it counts activations, gradients and workspace;
+  CUDA  max allocated − allocated after setup.
+Time is the median of --repeats runs after one warm-up.
+
+    python benchmarks/lm_loss.py                                  # N=8192, V=32000, d=256, fp32, CPU
+    python benchmarks/lm_loss.py --sizes 8192x32000x256,4096x128256x256
+    python benchmarks/lm_loss.py --tiny                           # smoke run in seconds (CI)
+    python benchmarks/lm_loss.py --device cuda --dtype bf16 --sizes 16384x128256x2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("naive", "fused", "chunked_ce", "full_ce")
+DESCRIPTIONS = {
+    "naive": "TempNet loss on full N×V logits (paper-style)",
+    "fused": "tempnet_lm_loss (chunked, Gram-matrix TempNet)",
+    "chunked_ce": "chunked_cross_entropy, no TempNet (floor)",
+    "full_ce": "F.cross_entropy on full logits (transformers)",
+}
+RHO = 8.0
+TINY_SIZES = "256x1000x32"
+TINY_CHUNK_SIZE = 64
+
+
+def parse_sizes(text: str) -> list[tuple[int, int, int]]:
+    sizes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise argparse.ArgumentTypeError(f"size {item!r}: expected NxVxd, e.g. 8192x32000x256")
+        sizes.append(tuple(int(p) for p in parts))
+    return sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# worker: one variant, one size, in this process
+
+
+def _status_kib(field: str) -> int:
+    match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    return int(match.group(1))
+
+
+class _PeakMemory:
+    """Peak extra memory since `start()`: RSS high-water mark on CPU, allocator peak on CUDA."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = _status_kib("VmRSS") * 1024
+
+    def peak_extra_bytes(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status_kib("VmHWM") * 1024 - self.base
+
+
+def _make_step(variant: str, n: int, vocab: int, d: int, dtype, device, chunk_size: int):
+    """Inputs and a zero-arg forward+backward closure for one variant."""
+    import torch
+    import torch.nn.functional as F
+
+    from dist_tempnet.losses.lm import chunked_cross_entropy, naive_tempnet_lm_loss, tempnet_lm_loss
+    from dist_tempnet.tempnet import LMTempNet
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, d, generator=gen) / d**0.5).to(device=device, dtype=dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)
+    labels[::10] = -100
+    tempnet = LMTempNet(vocab).to(device).eval()  # eval: deterministic τ, same work as train mode
+    params = [hidden, weight, *tempnet.parameters()]
+
+    def loss() -> torch.Tensor:
+        if variant == "naive":
+            return naive_tempnet_lm_loss(hidden, weight, labels, tempnet, RHO).loss
+        if variant == "fused":
+            return tempnet_lm_loss(hidden, weight, labels, tempnet, RHO, chunk_size=chunk_size).loss
+        if variant == "chunked_ce":
+            return chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+        return F.cross_entropy((hidden @ weight.t()).float(), labels)
+
+    def step() -> None:
+        for p in params:
+            p.grad = None
+        loss().backward()
+
+    return step
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    n, vocab, d = parse_sizes(args.worker_size)[0]
+    step = _make_step(args.worker, n, vocab, d, dtype, device, args.chunk_size)
+    memory = _PeakMemory(device)
+    memory.start()
+    times = []
+    for i in range(args.repeats + 1):
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i > 0:  # the first run is a warm-up
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"peak_bytes": memory.peak_extra_bytes(), "times": times}))
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def measure(variant: str, size: tuple[int, int, int], args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", variant, "--worker-size", "x".join(map(str, size)),
+        "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size),
+        "--device", args.device, "--dtype", args.dtype,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["median_s"] = statistics.median(result["times"])
+    return result
+
+
+def _ratio(a: dict, b: dict, key: str) -> str:
+    if "error" in a or "error" in b or not b[key]:
+        return "n/a"
+    return f"{a[key] / b[key]:.3f}"
+
+
+def report(size: tuple[int, int, int], results: dict[str, dict], args: argparse.Namespace) -> None:
+    n, vocab, d = size
+    print(f"\nN={n} V={vocab} d={d} {args.dtype} {args.device} chunk_size={args.chunk_size} "
+          f"(median of {args.repeats} after 1 warm-up)")
+    print(f"{'variant':<12} {'peak extra MiB':>15} {'median s':>10}  what")
+    for variant, res in results.items():
+        if "error" in res:
+            print(f"{variant:<12} {'failed':>15} {'':>10}  {res['error']}")
+            continue
+        print(f"{variant:<12} {res['peak_bytes'] / 2**20:>15.1f} {res['median_s']:>10.3f}  "
+              f"{DESCRIPTIONS[variant]}")
+    if "fused" in results and "naive" in results:
+        fused, naive = results["fused"], results["naive"]
+        print(f"fused/naive: memory {_ratio(fused, naive, 'peak_bytes')} (goal <= 0.1), "
+              f"time {_ratio(fused, naive, 'median_s')} (goal <= 1.2)")
+    if "fused" in results and "chunked_ce" in results:
+        fused, floor = results["fused"], results["chunked_ce"]
+        print(f"fused/chunked_ce: memory {_ratio(fused, floor, 'peak_bytes')}, "
+              f"time {_ratio(fused, floor, 'median_s')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sizes", type=parse_sizes, default=None, help="comma list of NxVxd")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {VARIANTS}")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk (64 if --tiny)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--tiny", action="store_true", help=f"smoke run at {TINY_SIZES}")
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-size", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(REPO))  # run from a checkout without installing the package
+    if args.chunk_size is None and args.tiny:
+        args.chunk_size = TINY_CHUNK_SIZE  # several chunks, so the smoke run exercises the loop
+    if args.chunk_size is None:
+        from dist_tempnet.losses.lm import DEFAULT_CHUNK_SIZE
+
+        args.chunk_size = DEFAULT_CHUNK_SIZE
+    if args.worker:
+        run_worker(args)
+        return 0
+
+    sizes = args.sizes or parse_sizes(TINY_SIZES if args.tiny else "8192x32000x256")
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    failed = False
+    for size in sizes:
+        results = {variant: measure(variant, size, args) for variant in variants}
+        failed |= any("error" in res for res in results.values())
+        report(size, results, args)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

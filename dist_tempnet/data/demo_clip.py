@@ -1,0 +1,282 @@
+"""A procedurally generated captioned-image dataset with structure a tiny CLIP can learn.
+
+Each image shows one shape (6 kinds) in one color (6) -- 36 classes named like "red circle" -- at
+one of 9 positions (3x3 grid), small or large, on a tinted noisy background. Captions describe
+color, shape, and usually size and position, in varied wording.
+
+Held out for evaluation: the ``eval`` split has fresh images whose captions use templates never
+seen in training (retrieval), and its manifest carries class names plus zero-shot prompt templates
+that are not training templates either. Everything is a deterministic function of the seed.
+
+Layout written by :func:`make_demo_clip_dataset`::
+
+    out_dir/tokenizer.json         word-level caption tokenizer (load_text_tokenizer)
+    out_dir/train/ , out_dir/eval/ shards + dataset.json
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dist_tempnet.data.atomic import publish, tmp_path_for
+from dist_tempnet.data.manifest import MANIFEST_NAME
+from dist_tempnet.data.shards import write_image_text_shards
+from dist_tempnet.data.text_tokenizer import build_word_level_tokenizer, template_words
+
+SHAPES = ("circle", "square", "triangle", "cross", "diamond", "ring")
+COLORS = {  # RGB in [0, 1]; hues far apart so that noise and tint never make two colors alike
+    "red": (0.86, 0.14, 0.14),
+    "green": (0.16, 0.66, 0.22),
+    "blue": (0.14, 0.30, 0.88),
+    "yellow": (0.93, 0.85, 0.15),
+    "purple": (0.56, 0.22, 0.78),
+    "orange": (0.96, 0.54, 0.08),
+}
+COLOR_NAMES = tuple(COLORS)
+CLASS_NAMES = tuple(f"{color} {shape}" for shape in SHAPES for color in COLOR_NAMES)
+
+# 3x3 grid, row-major from the top left; each position has several phrasings.
+POSITION_PHRASES = (
+    ("in the top left", "in the upper left corner"),
+    ("at the top", "near the top edge"),
+    ("in the top right", "in the upper right corner"),
+    ("on the left", "at the left side"),
+    ("in the center", "in the middle"),
+    ("on the right", "at the right side"),
+    ("in the bottom left", "in the lower left corner"),
+    ("at the bottom", "near the bottom edge"),
+    ("in the bottom right", "in the lower right corner"),
+)
+SIZE_WORDS = (("small", "tiny", "little"), ("large", "big"))
+SIZE_RADIUS = ((0.12, 0.16), (0.20, 0.26))  # radius range as a fraction of the image side
+GRID_CENTERS = (0.23, 0.5, 0.77)
+
+TRAIN_TEMPLATES = (
+    "a {color} {shape} {where}",
+    "a photo of a {size} {color} {shape}",
+    "a {size} {color} {shape} {where}",
+    "there is a {color} {shape} {where}",
+    "{where} there is a {size} {color} {shape}",
+    "a picture of a {color} {shape}",
+    "a {size} {shape} colored {color}, {where}",
+    "an image with a {size} {color} {shape} {where}",
+    "the {shape} is {color} and {size}",
+    "{color} {shape}, {size}, {where}",
+    "a {color} {shape} on a plain background",
+    "a photo of a {color} {shape} {where}",
+)
+EVAL_TEMPLATES = (  # held out: retrieval captions of the eval split
+    "one {size} {color} {shape} {where}",
+    "a drawing of a {color} {shape} {where}",
+    "we see a {size} {color} {shape} {where}",
+    "a {color} {shape} that is {size}, placed {where}",
+)
+PROMPT_TEMPLATES = (  # held out: zero-shot classification prompts, filled with a class name
+    "a photo of a {}.",
+    "a {}.",
+    "a drawing of the {}.",
+    "a rendering of a {}.",
+)
+
+TOKENIZER_NAME = "tokenizer.json"
+NOISE_STD = 0.04
+DRAW_CHUNK = 256  # images drawn per vectorized call (bounds memory at large image sizes)
+_A_BEFORE_VOWEL = re.compile(r"\b([aA]) ([aeiou])")
+_SPLIT_STREAMS = {"train": 1, "eval": 2}  # independent random streams per split
+
+
+@dataclass(frozen=True)
+class SceneBatch:
+    """Attributes of n generated scenes (arrays of length n)."""
+
+    shape: np.ndarray  # index into SHAPES
+    color: np.ndarray  # index into COLOR_NAMES
+    position: np.ndarray  # index into POSITION_PHRASES
+    size: np.ndarray  # 0 small, 1 large
+    center: np.ndarray  # [n, 2] (x, y) in [0, 1]
+    radius: np.ndarray  # fraction of the side
+    fg: np.ndarray  # [n, 3] shape color after jitter
+    bg: np.ndarray  # [n, 3] background tint
+
+    @property
+    def label(self) -> np.ndarray:
+        return self.shape * len(COLOR_NAMES) + self.color
+
+
+def sample_scenes(rng: np.random.Generator, n: int) -> SceneBatch:
+    shape = rng.integers(len(SHAPES), size=n)
+    color = rng.integers(len(COLOR_NAMES), size=n)
+    position = rng.integers(len(POSITION_PHRASES), size=n)
+    size = rng.integers(2, size=n)
+    grid = np.asarray(GRID_CENTERS)
+    center = np.stack([grid[position % 3], grid[position // 3]], axis=1) + rng.uniform(-0.05, 0.05, (n, 2))
+    low, high = np.asarray(SIZE_RADIUS).T
+    radius = rng.uniform(low[size], high[size])
+    palette = np.asarray([COLORS[c] for c in COLOR_NAMES])
+    fg = np.clip(palette[color] + rng.uniform(-0.06, 0.06, (n, 3)), 0, 1)
+    gray = rng.uniform(0.15, 0.85, (n, 1))
+    bg = np.clip(gray + rng.uniform(-0.08, 0.08, (n, 3)), 0, 1)
+    return SceneBatch(shape, color, position, size, center, radius, fg, bg)
+
+
+def _shape_mask(name: str, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Boolean mask of one shape kind; dx, dy are offsets from the centers and r radii (side units)."""
+    ax, ay = np.abs(dx), np.abs(dy)
+    dist2 = dx * dx + dy * dy
+    if name == "circle":
+        return dist2 <= r * r
+    if name == "square":
+        return np.maximum(ax, ay) <= 0.85 * r
+    if name == "triangle":  # apex up
+        return (dy <= 0.8 * r) & (ax <= 0.6 * (dy + r))
+    if name == "cross":
+        arm = 0.3 * r
+        return ((ax <= arm) & (ay <= r)) | ((ay <= arm) & (ax <= r))
+    if name == "diamond":
+        return ax + ay <= r
+    if name == "ring":
+        return (dist2 <= r * r) & (dist2 >= (0.55 * r) ** 2)
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def _shape_masks(shape: np.ndarray, dx: np.ndarray, dy: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Boolean [n, H, W] masks, each shape kind evaluated only on the scenes that show it."""
+    masks = np.zeros((dx.shape[0], dy.shape[1], dx.shape[2]), dtype=bool)
+    for index, name in enumerate(SHAPES):
+        chosen = shape == index
+        if chosen.any():
+            masks[chosen] = _shape_mask(name, dx[chosen], dy[chosen], r[chosen])
+    return masks
+
+
+def draw_scenes(scenes: SceneBatch, image_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Render scenes to uint8 [n, H, W, 3] (vectorized over the whole batch)."""
+    coords = (np.arange(image_size, dtype=np.float32) + 0.5) / image_size
+    dx = coords[None, None, :] - scenes.center[:, 0, None, None].astype(np.float32)
+    dy = coords[None, :, None] - scenes.center[:, 1, None, None].astype(np.float32)
+    r = scenes.radius[:, None, None].astype(np.float32)
+    masks = _shape_masks(scenes.shape, dx, dy, r)[..., None]
+    fg = scenes.fg[:, None, None, :].astype(np.float32)
+    bg = scenes.bg[:, None, None, :].astype(np.float32)
+    image = np.where(masks, fg, bg)
+    image += rng.normal(0.0, NOISE_STD, image.shape).astype(np.float32)
+    return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def fix_articles(caption: str) -> str:
+    """'a orange ring' -> 'an orange ring' (templates cannot know which word follows the article)."""
+    return _A_BEFORE_VOWEL.sub(r"\1n \2", caption)
+
+
+def write_captions(scenes: SceneBatch, templates: tuple[str, ...], rng: np.random.Generator) -> list[str]:
+    n = len(scenes.shape)
+    template_idx = rng.integers(len(templates), size=n)
+    phrase_pick = rng.integers(1 << 16, size=n)
+    size_pick = rng.integers(1 << 16, size=n)
+    captions = []
+    for i in range(n):
+        phrases = POSITION_PHRASES[scenes.position[i]]
+        size_words = SIZE_WORDS[scenes.size[i]]
+        captions.append(
+            fix_articles(templates[template_idx[i]].format(
+                color=COLOR_NAMES[scenes.color[i]],
+                shape=SHAPES[scenes.shape[i]],
+                size=size_words[size_pick[i] % len(size_words)],
+                where=phrases[phrase_pick[i] % len(phrases)],
+            ))
+        )
+    return captions
+
+
+def generate_split(
+    num_samples: int, image_size: int, split: str, seed: int
+) -> Iterator[tuple[np.ndarray, str, int]]:
+    """Yield (uint8 [H, W, 3] image, caption, class label) for one split, deterministically."""
+    templates = TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES
+    stream = _SPLIT_STREAMS[split]
+    for chunk, start in enumerate(range(0, num_samples, DRAW_CHUNK)):
+        # One generator per chunk: the bytes of sample i do not depend on how the caller consumes it.
+        rng = np.random.default_rng([seed, stream, chunk])
+        count = min(DRAW_CHUNK, num_samples - start)
+        scenes = sample_scenes(rng, count)
+        captions = write_captions(scenes, templates, rng)
+        images = draw_scenes(scenes, image_size, rng)
+        labels = scenes.label
+        for i in range(count):
+            yield images[i], captions[i], int(labels[i])
+
+
+def caption_vocabulary_texts() -> list[str]:
+    """Every literal word any caption or prompt can contain (tokenizer training text)."""
+    templates = TRAIN_TEMPLATES + EVAL_TEMPLATES + PROMPT_TEMPLATES
+    words = [template_words(t) for t in templates]
+    words += [*SHAPES, *COLOR_NAMES, *CLASS_NAMES]
+    words += [p for phrases in POSITION_PHRASES for p in phrases]
+    words += [w for group in SIZE_WORDS for w in group]
+    return words
+
+
+def _split_metadata(split: str, image_size: int, seed: int) -> dict:
+    return {
+        "image_size": image_size,
+        "tokenizer": f"../{TOKENIZER_NAME}",
+        "class_names": list(CLASS_NAMES),
+        "prompt_templates": list(PROMPT_TEMPLATES),
+        "caption_templates": list(TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES),
+        "generator": "dist_tempnet.data.demo_clip",
+        "seed": seed,
+    }
+
+
+def make_demo_clip_dataset(
+    out_dir: str | Path,
+    num_train: int = 4096,
+    num_eval: int = 512,
+    image_size: int = 32,
+    samples_per_shard: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Generate the demo dataset (train + eval splits, tokenizer) under ``out_dir``; returns out_dir."""
+    out_dir = Path(out_dir)
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8 to draw recognisable shapes, got {image_size}")
+    splits = {"train": num_train, "eval": num_eval}
+    for split, count in splits.items():
+        if count < 1:
+            raise ValueError(f"num_{split} must be >= 1, got {count}")
+        # Check every split before writing any, so a refusal leaves nothing half-replaced.
+        if (out_dir / split / MANIFEST_NAME).exists() and not overwrite:
+            raise FileExistsError(f"{out_dir / split} already holds a complete dataset split; "
+                                  "pass overwrite=True to replace it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = out_dir / TOKENIZER_NAME
+    tmp = tmp_path_for(tokenizer_path)
+    build_word_level_tokenizer(caption_vocabulary_texts()).save(str(tmp))
+    publish(tmp, tokenizer_path)
+    for split, count in splits.items():
+        write_image_text_shards(
+            generate_split(count, image_size, split, seed),
+            out_dir,
+            split,
+            samples_per_shard,
+            metadata=_split_metadata(split, image_size, seed),
+            overwrite=overwrite,
+            total=count,
+        )
+    return out_dir
+
+
+if __name__ == "__main__":  # quick timing: python -m dist_tempnet.data.demo_clip OUT_DIR [IMAGE_SIZE]
+    import sys
+
+    started = time.perf_counter()
+    make_demo_clip_dataset(sys.argv[1], image_size=int(sys.argv[2]) if len(sys.argv) > 2 else 32,
+                           overwrite=True)
+    print(f"built in {time.perf_counter() - started:.2f} s")

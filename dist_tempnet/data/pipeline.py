@@ -1,0 +1,454 @@
+"""Batch streams over the shards: infinite, reshuffled training streams and finite evaluation passes.
+
+Training streams (:func:`clip_batches`, :func:`token_batches`) are step-based: every rank must be able
+to produce a batch at every step (ranks run collectives each step), so they never end -- epoch after
+epoch -- and always yield full batches. Per epoch ``e`` the shard list is shuffled with a generator
+seeded from ``(seed, e)`` -- the same order on every rank -- then dealt out round-robin to ranks (the
+``split_by_node`` rule, with rank/world_size given explicitly because we may not be under
+torch.distributed yet) and then to DataLoader workers (the ``split_by_worker`` rule). Within a worker a
+shuffle buffer mixes samples; it drains at the end of each epoch so every sample appears exactly once
+per epoch on exactly one rank (when shards divide evenly).
+
+Evaluation passes (:func:`eval_batches`) are finite, deterministic and unshuffled; ranks take balanced
+contiguous ranges of sample ids, so every sample is seen exactly once overall.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dist_tempnet.data.manifest import Manifest, ShardInfo, resolve_manifest
+from dist_tempnet.data.reader import (
+    ImageTextDecoder,
+    ImageTextSample,
+    SkipLog,
+    TokenDecoder,
+    TokenSample,
+    check_shards_on_disk,
+    iter_raw_samples,
+)
+
+# OpenAI CLIP's normalization constants (what pretrained CLIP image towers expect).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DEFAULT_MAX_TEXT_LEN = 32
+DEFAULT_SHUFFLE_BUFFER = 1024
+
+# Per-batch bookkeeping sent from a worker to the main process, stripped before the user sees it.
+_META_EPOCH, _META_WORKER, _META_SKIPPED = "_epoch", "_worker", "_corrupt_skipped"
+
+ManifestLike = str | Path | Manifest
+
+
+# ------------------------------------------------------------------------------------------ collation
+
+
+@dataclass(frozen=True)
+class ImageTextCollator:
+    """ImageTextSamples -> pixel_values (CLIP-normalized), tokenized captions, sample ids, labels."""
+
+    tokenizer: Any
+    max_text_len: int
+
+    def __call__(self, samples: Sequence[ImageTextSample]) -> dict[str, Any]:
+        pixels = torch.from_numpy(np.stack([s.pixels for s in samples]))  # uint8 [B, H, W, 3]
+        pixel_values = pixels.permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        # Fixed-length padding: every step sees the same shapes (no recompiles, no ragged collectives).
+        text = self.tokenizer(
+            [s.caption for s in samples],
+            padding="max_length",
+            truncation=True,
+            max_length=self.max_text_len,
+            return_tensors="pt",
+        )
+        return {
+            "pixel_values": pixel_values.sub_(mean).div_(std),
+            "input_ids": text["input_ids"].long(),
+            "attention_mask": text["attention_mask"].long(),
+            "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.long),
+            "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
+        }
+
+
+def collate_tokens(samples: Sequence[TokenSample]) -> dict[str, Any]:
+    return {
+        "input_ids": torch.from_numpy(np.stack([s.tokens for s in samples])),
+        "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.long),
+    }
+
+
+# --------------------------------------------------------------------------------- shard assignment
+
+
+def epoch_shard_order(shards: Sequence[ShardInfo], epoch: int, seed: int, shuffle: bool) -> list[ShardInfo]:
+    """All shards in this epoch's order -- identical on every rank, since all ranks share the seed."""
+    order = list(shards)
+    if shuffle:
+        random.Random(f"dist_tempnet/shards/{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def split_round_robin(items: Sequence[Any], index: int, count: int) -> list[Any]:
+    """Every ``count``-th item starting at ``index`` (how shards are dealt to ranks, then workers)."""
+    return list(items[index::count])
+
+
+def shuffled_through_buffer(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
+    """Approximate shuffle through a buffer of ``size`` items, drained (fully shuffled) at the end."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _worker_position() -> tuple[int, int]:
+    # Read torch's worker info directly (webdataset's helper also honours WORKER/NUM_WORKERS env vars,
+    # which could silently mis-split under launchers that happen to set them).
+    info = get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+# ------------------------------------------------------------------------------------ training stream
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything a (possibly forked) worker needs to produce its part of the stream."""
+
+    manifest: Manifest
+    rank: int
+    world_size: int
+    batch_size: int
+    seed: int
+    shuffle: bool
+    shuffle_buffer: int
+    epoch_start: int
+    allow_corrupt: bool
+    decode: Callable[[dict[str, Any], ShardInfo, SkipLog], Any]
+    collate: Callable[[list[Any]], dict[str, Any]]
+
+
+class EpochStream(IterableDataset):
+    """This rank's (and this worker's) endless sequence of full batches, epoch after epoch."""
+
+    def __init__(self, spec: StreamSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def shards_for(self, epoch: int, worker: int, num_workers: int) -> list[ShardInfo]:
+        spec = self.spec
+        order = epoch_shard_order(spec.manifest.shards, epoch, spec.seed, spec.shuffle)
+        mine = split_round_robin(order, spec.rank, spec.world_size)
+        return split_round_robin(mine, worker, num_workers)
+
+    def epoch_samples(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
+        spec = self.spec
+        shards = self.shards_for(epoch, worker, num_workers)
+        raw = ((shard, sample) for shard in shards for sample in iter_raw_samples(shard, spec.manifest.kind, skips))
+        if spec.shuffle and spec.shuffle_buffer > 1:
+            # Shuffle encoded samples (small), decode after: the buffer never holds decoded images.
+            rng = random.Random(f"dist_tempnet/samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
+            raw = shuffled_through_buffer(raw, spec.shuffle_buffer, rng)
+        for shard, sample in raw:
+            decoded = spec.decode(sample, shard, skips)
+            if decoded is not None:
+                yield decoded
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        spec = self.spec
+        worker, num_workers = _worker_position()
+        skips = SkipLog(spec.allow_corrupt)
+        batch: list[Any] = []
+        for epoch in itertools.count(spec.epoch_start):
+            produced = 0
+            for sample in self.epoch_samples(epoch, worker, num_workers, skips):
+                produced += 1
+                batch.append(sample)
+                if len(batch) == spec.batch_size:
+                    out = spec.collate(batch)
+                    out.update({_META_EPOCH: epoch, _META_WORKER: worker, _META_SKIPPED: skips.count})
+                    yield out
+                    batch = []
+            if produced == 0:
+                # Without this, a rank whose shards are all corrupt (allow_corrupt) would spin forever.
+                names = [s.path.name for s in self.shards_for(epoch, worker, num_workers)]
+                raise RuntimeError(
+                    f"rank {spec.rank} worker {worker}: epoch {epoch} produced no usable samples from "
+                    f"shards {names} of {spec.manifest.path} ({skips.count} corrupt skips so far)"
+                )
+
+
+class BatchStream:
+    """Iterator over training batches with progress counters for logging and checkpoints.
+
+    ``samples_seen`` / ``batches_seen`` count what this rank delivered; ``epoch`` is the epoch the
+    latest batch came from; ``corrupt_skipped`` counts corrupt shards/samples skipped (allow_corrupt).
+    Worker processes start on the first ``next()``; ``close()`` (or ``with``) stops them.
+    """
+
+    def __init__(self, dataset: EpochStream, num_workers: int) -> None:
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.samples_seen = 0
+        self.batches_seen = 0
+        self.epoch = dataset.spec.epoch_start
+        self._skipped_by_worker: dict[int, int] = {}
+        self._source: Iterator[dict[str, Any]] | None = None
+
+    @property
+    def corrupt_skipped(self) -> int:
+        return sum(self._skipped_by_worker.values())
+
+    def state_dict(self) -> dict[str, int]:
+        """Data position for a checkpoint; resume with ``epoch_start=state['epoch']``."""
+        return {"epoch": self.epoch, "samples_seen": self.samples_seen, "batches_seen": self.batches_seen,
+                "corrupt_skipped": self.corrupt_skipped}
+
+    def _start(self) -> Iterator[dict[str, Any]]:
+        if self.num_workers == 0:
+            return iter(self.dataset)
+        if self.dataset.spec.manifest.kind == "image_text":
+            # HF tokenizers warns (and may deadlock) when forked after using its thread pool.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
+        return iter(loader)
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._source is None:
+            self._source = self._start()
+        batch = next(self._source)
+        self.epoch = batch.pop(_META_EPOCH)
+        self._skipped_by_worker[batch.pop(_META_WORKER)] = batch.pop(_META_SKIPPED)
+        self.samples_seen += len(batch["sample_ids"])
+        self.batches_seen += 1
+        return batch
+
+    def close(self) -> None:
+        """Stop DataLoader workers (if any); the stream cannot be used afterwards."""
+        source, self._source = self._source, None
+        shutdown = getattr(source, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _check_stream_args(manifest: Manifest, batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    readers = world_size * max(1, num_workers)
+    if len(manifest.shards) < readers:
+        raise ValueError(
+            f"{manifest.path}: {len(manifest.shards)} shards cannot feed {world_size} ranks x "
+            f"{max(1, num_workers)} workers ({readers} readers, each needs >= 1 shard); rewrite the data "
+            "with a smaller samples_per_shard or use fewer workers"
+        )
+
+
+def _resolve_tokenizer(tokenizer: Any, manifest: Manifest) -> Any:
+    from dist_tempnet.data.text_tokenizer import load_text_tokenizer
+
+    if tokenizer is None:
+        path = manifest.tokenizer_path
+        if path is None:
+            raise ValueError(f"{manifest.path}: metadata names no tokenizer; pass tokenizer=...")
+        return load_text_tokenizer(path)
+    if isinstance(tokenizer, (str, Path)):
+        return load_text_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _resolve_image_size(image_size: int | None, manifest: Manifest) -> int:
+    size = image_size if image_size is not None else manifest.image_size
+    if size is None:
+        raise ValueError(f"{manifest.path}: images are not of one square size; pass image_size=...")
+    return int(size)
+
+
+def _manifest_of_kind(manifest_or_dir: ManifestLike, split: str | None, kind: str) -> Manifest:
+    manifest = resolve_manifest(manifest_or_dir, split)
+    if manifest.kind != kind:
+        raise ValueError(f"{manifest.path}: holds {manifest.kind!r} samples, this reader needs {kind!r}")
+    return manifest
+
+
+def clip_batches(
+    manifest_or_dir: ManifestLike,
+    split: str | None = "train",
+    batch_size: int = 32,
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer: Any = None,
+    image_size: int | None = None,
+    num_workers: int = 0,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    seed: int = 0,
+    max_text_len: int = DEFAULT_MAX_TEXT_LEN,
+    allow_corrupt: bool = False,
+    epoch_start: int = 0,
+    shuffle: bool = True,
+) -> BatchStream:
+    """Endless image-text training batches for one rank.
+
+    Each batch: ``pixel_values`` float32 [B, 3, H, W] (CLIP mean/std), ``input_ids`` int64 [B, L],
+    ``attention_mask`` int64 [B, L] (L = max_text_len), ``sample_ids`` int64 [B], ``labels`` int64 [B]
+    (class index, -1 when the data has none). ``tokenizer``: a tokenizer object, a path, or None for
+    the manifest's own tokenizer. ``image_size``: None keeps the stored size (images are resized and
+    center-cropped otherwise).
+    """
+    manifest = _manifest_of_kind(manifest_or_dir, split, "image_text")
+    _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
+    check_shards_on_disk(manifest, allow_corrupt)
+    spec = StreamSpec(
+        manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, epoch_start=epoch_start, allow_corrupt=allow_corrupt,
+        decode=ImageTextDecoder(_resolve_image_size(image_size, manifest)),
+        collate=ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len),
+    )
+    return BatchStream(EpochStream(spec), num_workers)
+
+
+def token_batches(
+    manifest_or_dir: ManifestLike,
+    split: str | None = "train",
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER,
+    seed: int = 0,
+    allow_corrupt: bool = False,
+    epoch_start: int = 0,
+    shuffle: bool = True,
+) -> BatchStream:
+    """Endless language-model batches: ``input_ids`` int64 [B, seq_len + 1], ``sample_ids`` int64 [B].
+
+    Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``.
+    """
+    manifest = _manifest_of_kind(manifest_or_dir, split, "tokens")
+    _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
+    check_shards_on_disk(manifest, allow_corrupt)
+    spec = StreamSpec(
+        manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, epoch_start=epoch_start, allow_corrupt=allow_corrupt,
+        decode=TokenDecoder(manifest.seq_len), collate=collate_tokens,
+    )
+    return BatchStream(EpochStream(spec), num_workers)
+
+
+# ------------------------------------------------------------------------------------ evaluation pass
+
+
+def rank_id_range(manifest: Manifest, rank: int, world_size: int) -> tuple[int, int]:
+    """This rank's contiguous slice of the split's ids (sizes differ by at most one across ranks)."""
+    n = manifest.num_samples
+    return manifest.id_start + n * rank // world_size, manifest.id_start + n * (rank + 1) // world_size
+
+
+class EvalBatches:
+    """A finite, deterministic pass over this rank's slice of a split; iterable any number of times.
+
+    ``len()`` is the number of batches (the last may be partial; fewer if corrupt samples are skipped
+    under allow_corrupt); ``num_samples`` is this rank's sample count. Ranks may get one batch more or
+    less than each other: gather results after the loop, not inside it.
+    """
+
+    def __init__(self, manifest: Manifest, rank: int, world_size: int, batch_size: int,
+                 decode: Callable[..., Any], collate: Callable[[list[Any]], dict[str, Any]],
+                 allow_corrupt: bool) -> None:
+        self.manifest = manifest
+        self.batch_size = batch_size
+        self.id_start, self.id_stop = rank_id_range(manifest, rank, world_size)
+        self.decode = decode
+        self.collate = collate
+        self.allow_corrupt = allow_corrupt
+        self.corrupt_skipped = 0
+
+    @property
+    def num_samples(self) -> int:
+        return self.id_stop - self.id_start
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def _samples(self, skips: SkipLog) -> Iterator[Any]:
+        for shard in self.manifest.shards:
+            if shard.id_stop <= self.id_start or shard.id_start >= self.id_stop:
+                continue
+            for raw in iter_raw_samples(shard, self.manifest.kind, skips):
+                if self.id_start <= int(raw["__key__"]) < self.id_stop:
+                    decoded = self.decode(raw, shard, skips)
+                    if decoded is not None:
+                        yield decoded
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        skips = SkipLog(self.allow_corrupt)
+        batch: list[Any] = []
+        for sample in self._samples(skips):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self.collate(batch)
+                batch = []
+            self.corrupt_skipped = skips.count
+        if batch:
+            yield self.collate(batch)
+        self.corrupt_skipped = skips.count
+
+
+def eval_batches(
+    manifest_or_dir: ManifestLike,
+    split: str | None = "eval",
+    batch_size: int = 64,
+    rank: int = 0,
+    world_size: int = 1,
+    tokenizer: Any = None,
+    image_size: int | None = None,
+    max_text_len: int = DEFAULT_MAX_TEXT_LEN,
+    allow_corrupt: bool = False,
+) -> EvalBatches:
+    """One ordered pass over a split (image-text or tokens; same batch keys as the training streams).
+
+    With ``world_size > 1`` each rank reads a disjoint contiguous id range; together they cover every
+    sample exactly once.
+    """
+    manifest = resolve_manifest(manifest_or_dir, split)
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+    check_shards_on_disk(manifest, allow_corrupt)
+    if manifest.kind == "image_text":
+        decode: Callable[..., Any] = ImageTextDecoder(_resolve_image_size(image_size, manifest))
+        collate: Callable[[list[Any]], dict[str, Any]] = ImageTextCollator(
+            _resolve_tokenizer(tokenizer, manifest), max_text_len)
+    else:
+        decode, collate = TokenDecoder(manifest.seq_len), collate_tokens
+    return EvalBatches(manifest, rank, world_size, batch_size, decode, collate, allow_corrupt)

@@ -1,0 +1,327 @@
+"""Per-sample partition statistics of the DRO contrastive losses, sharded by sample id (DESIGN §2.2).
+
+Rank r of K owns the samples with `id % K == r` and keeps them at local row `id // K`, so each rank
+holds O(N/K) rows and the owner of any id is known without a lookup table.
+
+A row holds, in float64:
+
+- `u_image`, `shift_image`, `u_text`, `shift_text`: the moving estimate u of each anchor's
+  partition function g, stored as u = u_hat·exp(shift). exp(d/τ) with τ = 0.005 overflows even
+  float64, so the losses keep every sample's u relative to its own shift (see
+  losses/contrastive.py for how the shift is chosen);
+- optional extra fields declared by a loss (e.g. iSogCLR's per-sample temperatures and their
+  optimizer state), each with its initial value;
+- `visited`: whether the sample has been seen (its first visit sets u = g).
+
+Checkpoints: every rank saves its own shard (`save`); a run resumed with a different world size
+rebuilds its shard from all old shards (`load_resharded` / `from_directory`), streaming them one at a
+time so peak memory stays one old shard plus the new one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+U_FIELDS: tuple[str, ...] = ("u_image", "shift_image", "u_text", "shift_text")
+FORMAT = "dist_tempnet.dro_state/v1"
+_SHARD_NAME = "dro_state_rank{rank:05d}.pt"
+_SHARD_PATTERN = re.compile(r"dro_state_rank(\d+)\.pt$")
+
+
+def shard_filename(rank: int) -> str:
+    """File name `save_to_directory` uses for `rank`'s shard."""
+    return _SHARD_NAME.format(rank=rank)
+
+
+def num_owned(num_samples: int, rank: int, world_size: int) -> int:
+    """How many ids in [0, num_samples) satisfy id % world_size == rank."""
+    return max(0, (num_samples - rank + world_size - 1) // world_size)
+
+
+def _last_occurrence(ids: torch.Tensor) -> torch.Tensor:
+    """Positions of the last occurrence of each distinct id (so duplicate writes are deterministic)."""
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    positions = torch.arange(ids.numel(), device=ids.device)
+    last = torch.full((unique.numel(),), -1, dtype=torch.long, device=ids.device)
+    return last.scatter_reduce(0, inverse, positions, reduce="amax")
+
+
+class DROState:
+    """This rank's shard of the per-sample statistics."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        extra_fields: Mapping[str, float] | None = None,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError(f"DROState needs num_samples > 0, got {num_samples}")
+        if world_size <= 0 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"DROState needs 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        extra = dict(extra_fields or {})
+        clash = set(extra) & (set(U_FIELDS) | {"visited"})
+        if clash:
+            raise ValueError(f"extra_fields may not reuse the built-in names {sorted(clash)}")
+        self.num_samples = int(num_samples)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.device = torch.device(device)
+        self.fields: tuple[str, ...] = U_FIELDS + tuple(extra)
+        self.initial_values: dict[str, float] = {name: 0.0 for name in U_FIELDS} | extra
+        rows = num_owned(self.num_samples, self.rank, self.world_size)
+        init = torch.tensor([self.initial_values[f] for f in self.fields], dtype=torch.float64)
+        self.table = init.to(self.device).repeat(rows, 1)
+        self.visited = torch.zeros(rows, dtype=torch.bool, device=self.device)
+
+    # ---------------------------------------------------------------- per-step access
+
+    @property
+    def num_local(self) -> int:
+        return self.table.shape[0]
+
+    def column(self, name: str) -> int:
+        """Index of field `name` in `table` and in the rows `lookup` returns."""
+        return self.fields.index(name)
+
+    def field(self, name: str) -> torch.Tensor:
+        """This shard's values of one field (a view, indexed by local row = id // world_size)."""
+        return self.table[:, self.column(name)]
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise TypeError(f"sample ids must be an integer tensor, got {ids.dtype}")
+        ids = ids.reshape(-1).to(device=self.device, dtype=torch.long)
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
+            raise ValueError(
+                f"sample ids must lie in [0, {self.num_samples}) (num_samples of this DRO state), "
+                f"got min {int(ids.min())}, max {int(ids.max())}"
+            )
+        return ids
+
+    def owned_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids % self.world_size == self.rank
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows [len(ids), len(fields) + 1] (fields then visited as 0/1), float64, on ids' device.
+
+        Rows of ids this rank does not own are zero, so summing every rank's lookup over the same
+        ids (an all-reduce) yields the complete rows.
+        """
+        out_device = ids.device
+        ids = self._check_ids(ids)
+        out = torch.zeros(ids.numel(), len(self.fields) + 1, dtype=torch.float64, device=self.device)
+        owned = self.owned_mask(ids)
+        local = ids[owned] // self.world_size
+        out[owned, :-1] = self.table[local]
+        out[owned, -1] = self.visited[local].to(torch.float64)
+        return out.to(out_device)
+
+    def update(self, ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `values` [len(ids), len(fields)] for the owned ids and mark them visited.
+
+        Rows of ids owned elsewhere are ignored; an id repeated in `ids` keeps its last row.
+        """
+        ids = self._check_ids(ids)
+        values = values.to(device=self.device, dtype=torch.float64)
+        if values.shape != (ids.numel(), len(self.fields)):
+            raise ValueError(
+                f"DROState.update expects values of shape ({ids.numel()}, {len(self.fields)}) "
+                f"for fields {self.fields}, got {tuple(values.shape)}"
+            )
+        keep = _last_occurrence(ids)
+        ids, values = ids[keep], values[keep]
+        owned = self.owned_mask(ids)
+        local = ids[owned] // self.world_size
+        self.table[local] = values[owned]
+        self.visited[local] = True
+
+    def global_ids(self) -> torch.Tensor:
+        """Sample id of each local row."""
+        return torch.arange(self.num_local, device=self.device) * self.world_size + self.rank
+
+    # ---------------------------------------------------------------- state dict / files
+
+    def _metadata(self) -> dict[str, torch.Tensor]:
+        return {
+            "num_samples": torch.tensor(self.num_samples),
+            "world_size": torch.tensor(self.world_size),
+            "rank": torch.tensor(self.rank),
+        }
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (metadata as 0-dim int64), so it can sit inside a module's state_dict."""
+        out = self._metadata()
+        for name in self.fields:
+            out[name] = self.field(name).clone()
+        out["visited"] = self.visited.clone()
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
+        """Load a shard saved by the same rank at the same world size and num_samples."""
+        expected = {"num_samples": self.num_samples, "world_size": self.world_size, "rank": self.rank}
+        for key, want in expected.items():
+            if key not in state:
+                raise KeyError(f"{source}: DRO state entry '{key}' is missing")
+            got = int(state[key])
+            if got != want:
+                hint = " (use DROState.load_resharded to change world size)" if key != "num_samples" else ""
+                raise ValueError(f"{source}: DRO state has {key}={got}, this rank expects {key}={want}{hint}")
+        missing = [name for name in (*self.fields, "visited") if name not in state]
+        if missing:
+            raise KeyError(f"{source}: DRO state is missing fields {missing} (expected {self.fields})")
+        for name in self.fields:
+            values = state[name]
+            if values.shape != (self.num_local,):
+                raise ValueError(
+                    f"{source}: DRO state field '{name}' has shape {tuple(values.shape)}, "
+                    f"expected ({self.num_local},)"
+                )
+            self.table[:, self.column(name)] = values.to(self.device, torch.float64)
+        self.visited.copy_(state["visited"].to(self.device, torch.bool))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this rank's shard atomically (tmp file + os.replace): a crash never leaves half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"format": FORMAT, "fields": list(self.fields), "initial_values": self.initial_values}
+        payload["state"] = {k: v.cpu() for k, v in self.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def save_to_directory(self, directory: str | os.PathLike) -> Path:
+        """Save as `directory/dro_state_rank{rank:05d}.pt` and return the path."""
+        path = Path(directory) / shard_filename(self.rank)
+        self.save(path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load this rank's own shard (same world size); see `load_resharded` for a different one."""
+        payload = _read_shard(path)
+        self._check_fields(payload, path)
+        self.load_state_dict(payload["state"], source=str(path))
+
+    def _check_fields(self, payload: dict, path: str | os.PathLike) -> None:
+        if tuple(payload["fields"]) != self.fields:
+            raise ValueError(
+                f"{path}: DRO state has fields {tuple(payload['fields'])}, expected {self.fields}"
+            )
+
+    @classmethod
+    def load_resharded(
+        cls,
+        paths: Sequence[str | os.PathLike],
+        rank: int,
+        world_size: int,
+        device: str | torch.device = "cpu",
+        num_samples: int | None = None,
+    ) -> DROState:
+        """Build `rank`'s shard for `world_size` ranks from every shard of an earlier run (any world size).
+
+        `paths` must be exactly the old run's shards (one per old rank, any order). If `num_samples` is
+        given it must match the saved one (catches resuming on a different dataset).
+        """
+        if not paths:
+            raise ValueError("DROState.load_resharded needs the paths of all saved shards, got none")
+        headers = [_read_header(p) for p in paths]
+        first_path, first = paths[0], headers[0]
+        old_world = first["world_size"]
+        for path, header in zip(paths, headers):
+            for key in ("num_samples", "world_size"):
+                if header[key] != first[key]:
+                    raise ValueError(
+                        f"{path}: {key}={header[key]} but {first_path} has {key}={first[key]}; "
+                        "the shards come from different runs"
+                    )
+            if header["fields"] != first["fields"]:
+                raise ValueError(
+                    f"{path}: fields {header['fields']} differ from {first_path}'s {first['fields']}"
+                )
+        found = sorted(h["rank"] for h in headers)
+        if found != list(range(old_world)):
+            missing = sorted(set(range(old_world)) - set(found))
+            dupes = sorted({r for r in found if found.count(r) > 1})
+            raise ValueError(
+                f"DRO state shards were saved by {old_world} ranks; "
+                f"expected one file per rank 0..{old_world - 1}, "
+                f"missing ranks {missing}, duplicated ranks {dupes} (files: {[str(p) for p in paths]})"
+            )
+        if num_samples is not None and num_samples != first["num_samples"]:
+            raise ValueError(
+                f"{first_path}: DRO state was saved for num_samples={first['num_samples']}, "
+                f"this run has num_samples={num_samples}"
+            )
+        new = cls(first["num_samples"], rank, world_size, device, extra_fields=first["initial_values_extra"])
+        for path in paths:
+            payload = _read_shard(path)
+            new._absorb(payload)
+        return new
+
+    def _absorb(self, payload: dict) -> None:
+        """Copy the rows of an old shard (any world size) that this shard owns."""
+        state = payload["state"]
+        old_rank, old_world = int(state["rank"]), int(state["world_size"])
+        ids = torch.arange(state["visited"].numel()) * old_world + old_rank
+        owned = self.owned_mask(ids)
+        local = (ids[owned] // self.world_size).to(self.device)
+        for name in self.fields:
+            self.table[local, self.column(name)] = state[name][owned].to(self.device, torch.float64)
+        self.visited[local] = state["visited"][owned].to(self.device)
+
+    @classmethod
+    def from_directory(
+        cls,
+        directory: str | os.PathLike,
+        rank: int,
+        world_size: int,
+        device: str | torch.device = "cpu",
+        num_samples: int | None = None,
+    ) -> DROState:
+        """`load_resharded` over every `dro_state_rank*.pt` in `directory` (see `save_to_directory`)."""
+        directory = Path(directory)
+        paths = sorted(p for p in directory.glob("dro_state_rank*.pt") if _SHARD_PATTERN.search(p.name))
+        if not paths:
+            raise FileNotFoundError(
+                f"{directory}: no DRO state shards (expected files named {shard_filename(0)}, ...)"
+            )
+        return cls.load_resharded(paths, rank, world_size, device, num_samples)
+
+
+def _read_shard(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: DRO state shard not found")
+    try:
+        # mmap: reading a shard's header or a few of its rows does not load the whole shard.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise ValueError(f"{path}: not a readable DRO state shard ({exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a DRO state shard (expected format '{FORMAT}')")
+    return payload
+
+
+def _read_header(path: str | os.PathLike) -> dict:
+    payload = _read_shard(path)
+    state = payload["state"]
+    extra = {k: v for k, v in payload["initial_values"].items() if k not in U_FIELDS}
+    return {
+        "num_samples": int(state["num_samples"]),
+        "world_size": int(state["world_size"]),
+        "rank": int(state["rank"]),
+        "fields": tuple(payload["fields"]),
+        "initial_values_extra": extra,
+    }

@@ -1,0 +1,125 @@
+"""DeepSpeed engine construction: ZeRO stage, precision, named parameter groups, per-group LR.
+
+DeepSpeed's WarmupLR/WarmupDecayLR force one `warmup_max_lr` on every group (which would give
+TempNet the model's lr), so the schedule is a torch LambdaLR that scales each group's own lr.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_tempnet.config import Config
+
+
+@dataclass
+class ParamGroup:
+    """A named optimizer group; `lr`/`weight_decay` None mean the train.* defaults."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr: float | None = None
+    weight_decay: float | None = None
+
+
+def default_param_groups(model: nn.Module, weight_decay: float, skip: set[int] | None = None) -> list[ParamGroup]:
+    """Split trainable params into decayed (matrices) and non-decayed (biases, norms, scalars)."""
+    skip = skip or set()
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in skip:
+            continue
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [ParamGroup("model", decay, weight_decay=weight_decay), ParamGroup("model_no_decay", no_decay, weight_decay=0.0)]
+    return [g for g in groups if g.params]
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup then cosine decay to min_lr_ratio (or constant), as a multiplier."""
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if t.warmup_steps and step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps))
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    t, ds = cfg.train, cfg.deepspeed
+    grad_accum = t.global_batch_size // (world_size * t.micro_batch_size)
+    if grad_accum * world_size * t.micro_batch_size != t.global_batch_size:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by world size {world_size} × "
+            f"train.micro_batch_size={t.micro_batch_size}"
+        )
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=True)
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True)
+    if ds.offload_optimizer and ds.zero_stage >= 1:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    conf: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.precision == "bf16"},
+        # Our optimizer is a plain torch AdamW (per-group lr); DeepSpeed wraps it under ZeRO.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    conf.update(ds.extra)
+    return conf
+
+
+def build_optimizer(groups: list[ParamGroup], cfg: Config) -> torch.optim.Optimizer:
+    torch_groups = [
+        {
+            "params": g.params,
+            "lr": cfg.train.lr if g.lr is None else g.lr,
+            "weight_decay": cfg.train.weight_decay if g.weight_decay is None else g.weight_decay,
+            "name": g.name,
+        }
+        for g in groups
+        if g.params
+    ]
+    fused = torch.cuda.is_available() and cfg.deepspeed.offload_optimizer is False
+    return torch.optim.AdamW(torch_groups, betas=tuple(cfg.train.betas), fused=fused or None)
+
+
+def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config):
+    """Wrap `model` in a DeepSpeed engine; torch.distributed must already be initialized."""
+    import deepspeed
+
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, world),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def group_lrs(engine) -> dict[str, float]:
+    """Current lr of each named group (names survive DeepSpeed's optimizer wrapping)."""
+    opt = engine.optimizer
+    groups = getattr(opt, "param_groups", None) or opt.optimizer.param_groups
+    return {g.get("name", f"group{i}"): float(g["lr"]) for i, g in enumerate(groups)}

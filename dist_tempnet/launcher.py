@@ -1,0 +1,194 @@
+"""The driver: prepare data, open the MLflow run, run the workers with Ray Train, summarize.
+
+Ray Train V2 (Ray 2.60): TorchTrainer starts `ray.num_workers` workers, sets up the torch process
+group (gloo on CPU, NCCL on GPU) and calls `dist_tempnet.train.train_worker` in each. Without an
+address a local Ray is started; with `ray.address` (or RAY_ADDRESS) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_tempnet.config import Config
+
+
+@dataclass
+class RunSummary:
+    run_id: str
+    tracking_uri: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    checkpoint: str = ""
+    wall_time_s: float = 0.0
+
+    def lines(self) -> list[str]:
+        m = self.metrics
+        out = [f"MLflow run id: {self.run_id or '(tracking disabled)'}"]
+        if self.tracking_uri:
+            out.append(f"MLflow tracking URI: {self.tracking_uri}")
+        if "loss" in m:
+            out.append(f"final loss: {m['loss']:.4f}")
+        if "eval/zero_shot_acc" in m:
+            chance = m.get("eval/zero_shot_chance", float("nan"))
+            out.append(f"zero-shot accuracy (held-out): {m['eval/zero_shot_acc']:.3f} (chance {chance:.3f})")
+        for k in ("eval/i2t_recall@1", "eval/t2i_recall@1", "eval/ppl", "eval/ppl_tempnet", "eval/token_acc"):
+            if k in m:
+                out.append(f"{k.removeprefix('eval/')}: {m[k]:.4f}")
+        if self.checkpoint:
+            out.append(f"checkpoint: {self.checkpoint}")
+        out.append(f"wall time: {self.wall_time_s:.1f}s")
+        return out
+
+
+def prepare_data(cfg: Config) -> None:
+    """Build the embedded demo dataset when asked for and missing (in the driver, once)."""
+    from dist_tempnet.data import make_demo_clip_dataset, make_demo_text_dataset
+
+    path = Path(cfg.data.path)
+    if (path / cfg.data.train_split / "dataset.json").is_file() or (path / "dataset.json").is_file():
+        return
+    if not cfg.data.demo:
+        raise FileNotFoundError(
+            f"data.path: '{path}' holds no dataset.json; build shards with `dist-tempnet make-shards` "
+            "or set data.demo=true for the embedded demo data"
+        )
+    print(f"[dist-tempnet] building demo {cfg.run.task} dataset in {path} ...", flush=True)
+    if cfg.run.task == "clip":
+        make_demo_clip_dataset(path, num_train=cfg.data.demo_num_train, num_eval=cfg.data.demo_num_eval,
+                               image_size=cfg.data.image_size, seed=cfg.run.seed)
+    else:
+        make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
+
+
+def _absolutize(cfg: Config) -> None:
+    # Ray workers run in their own working directories: every path they read must be absolute.
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.data.tokenizer:
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
+    if cfg.model.pretrained:
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
+    cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
+
+
+def _quiet_ray() -> None:
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    for name in ("ray", "ray.train", "ray.data"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
+    env = {
+        "DS_ACCELERATOR": "cuda" if use_gpu else "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker),
+    }
+    for key in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "MLFLOW_TRACKING_USERNAME",
+                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_HUB_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    return env
+
+
+def _init_ray(cfg: Config) -> bool:
+    """Start or join Ray; return whether workers get GPUs."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    if ray.is_initialized():
+        pass
+    elif address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        import torch
+
+        need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        ray.init(
+            num_cpus=max(need, os.cpu_count() or 1),
+            num_gpus=torch.cuda.device_count(),
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            configure_logging=True,
+        )
+    if cfg.ray.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.ray.use_gpu == "true"
+
+
+def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from dist_tempnet.train import train_worker
+
+    use_gpu = _init_ray(cfg)
+    storage = Path(cfg.run.output_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run.name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
+        ),
+    )
+    return trainer.fit()
+
+
+def run_training(cfg: Config, use_ray: bool = True) -> RunSummary:
+    """Run the whole job described by `cfg` and return what it achieved."""
+    t0 = time.perf_counter()
+    _absolutize(cfg)
+    _quiet_ray()
+    prepare_data(cfg)
+    uri = run_id = ""
+    tracker = None
+    if cfg.mlflow.enabled:
+        from dist_tempnet.tracking import Tracker, start_run
+
+        uri, run_id = start_run(cfg, cfg.ray.num_workers)
+        tracker = Tracker(uri, run_id)
+        print(f"[dist-tempnet] MLflow run {run_id} ({uri})", flush=True)
+    loop_config: dict[str, Any] = {"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id}
+    try:
+        if use_ray:
+            loop_config["ray"] = True
+            result = fit_with_ray(cfg, loop_config)
+            if getattr(result, "error", None):
+                raise result.error
+            metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+            checkpoint = result.checkpoint.path if result.checkpoint else ""
+        else:
+            from dist_tempnet.train import train_worker
+
+            metrics = train_worker(loop_config)
+            checkpoint = ""
+    except BaseException:
+        if tracker:
+            tracker.terminate("FAILED")
+        raise
+    summary = RunSummary(run_id, uri, metrics, str(checkpoint), time.perf_counter() - t0)
+    if tracker:
+        if checkpoint:
+            tracker.set_tags({"checkpoint_uri": checkpoint})
+        tracker.terminate("FINISHED")
+    return summary
+
+
+def print_summary(summary: RunSummary) -> None:
+    print("\n".join(["", "=== dist-tempnet run finished ===", *summary.lines()]), file=sys.stdout, flush=True)

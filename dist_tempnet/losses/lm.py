@@ -1,0 +1,456 @@
+"""Per-token robust LM loss with TempNet (DESIGN §2.1): a plain reference and a fused, chunked op.
+
+For a token with logits z = W_U·h ∈ R^V, label y and temperature τ = TempNet(z):
+
+    ℓ(z, y, τ) = τ·CE(z/τ, y) + (ρ − log V)·τ,      loss = mean of ℓ over tokens with label ≠ ignore_index
+
+The LM is trained through ℓ with τ held fixed (∂ℓ/∂z = softmax(z/τ) − onehot(y)); TempNet through τ
+(∂ℓ/∂τ = H(softmax(z/τ)) + ρ − log V, independent of the label). `naive_tempnet_lm_loss` spells this
+out on full N×V logits; `tempnet_lm_loss` gets the same value and gradients without ever holding an
+N×V tensor: TempNet's first layer is applied through the d×d Gram matrix of the head, and one pass
+over token chunks computes the loss and all gradients at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dist_tempnet.tempnet import LMTempNet
+
+DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk; on CPU time is flat from 512 to 4096 (benchmarks/lm_loss.py)
+
+_NORM_EPS = 1e-12  # F.normalize's default, which LMTempNet.forward uses
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+_HEAD_ROW_BLOCK = 16384  # rows of W_U upcast at a time where a full-precision copy of W_U is avoidable
+
+CountLike = Union[float, int, Tensor]
+
+
+@dataclass
+class LMLossOutput:
+    """Result of the robust LM loss.
+
+    loss: scalar to backpropagate. tau: per-token temperature [N] (detached, fp32; ignored tokens
+    included). num_valid: number of tokens with label ≠ ignore_index (int64 scalar). ce: mean plain
+    cross-entropy at τ = 1 over valid tokens (detached), for perplexity logging.
+    """
+
+    loss: Tensor
+    tau: Tensor
+    num_valid: Tensor
+    ce: Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 when any input is fp64 (the exactness tests)."""
+    out = torch.float32
+    for dtype in dtypes:
+        out = torch.promote_types(out, dtype)
+    return out
+
+
+def _flatten(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)} disagree: expected "
+            "hidden [..., d] with labels [...] of the same leading shape"
+        )
+    return hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+
+
+def _check_head(weight: Tensor, hidden: Tensor, tempnet: LMTempNet | None) -> None:
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"lm_head_weight must be [V, d] with d = hidden's last dim {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if tempnet is not None and tempnet.vocab_size != weight.shape[0]:
+        raise ValueError(
+            f"tempnet.vocab_size={tempnet.vocab_size} but lm_head_weight has {weight.shape[0]} rows: "
+            "TempNet must read the head's full logit vector"
+        )
+
+
+def _loss_divisor(num_valid: Tensor, loss_scale_count: CountLike | None, dtype: torch.dtype) -> Tensor:
+    """What token losses are divided by: the local valid count, or the caller's (global) count.
+
+    A zero divisor means nothing is valid anywhere; every numerator is then 0 too, so divide by 1
+    instead of producing NaN.
+    """
+    count = num_valid if loss_scale_count is None else loss_scale_count
+    count = torch.as_tensor(count, dtype=dtype, device=num_valid.device).detach().reshape(())
+    return torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _mean_over_valid(values: Tensor, valid: Tensor, num_valid: Tensor) -> Tensor:
+    return torch.where(valid, values, 0).sum() / num_valid.clamp_min(1)
+
+
+_OUT_DTYPE_MM: dict[str, bool] = {}
+
+
+def _device_has_out_dtype_mm(device: torch.device) -> bool:
+    """Whether torch.mm(bf16, bf16, out_dtype=fp32) runs here (CUDA in recent torch; never CPU).
+
+    Where it does, bf16 operands stay bf16 (tensor cores, no fp32 copy of W_U) while products are
+    written in fp32. Probed once per device type.
+    """
+    if device.type not in _OUT_DTYPE_MM:
+        probe = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            ok = torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            ok = False
+        _OUT_DTYPE_MM[device.type] = ok
+    return _OUT_DTYPE_MM[device.type]
+
+
+def _operand_dtype(a_dtype: torch.dtype, b_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """dtype both matmul operands are cast to so that the product comes out in accumulation precision."""
+    acc = _accumulation_dtype(a_dtype, b_dtype)
+    if a_dtype == b_dtype and a_dtype in _LOW_PRECISION and _device_has_out_dtype_mm(device):
+        return a_dtype
+    return acc
+
+
+def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b written in `acc` precision; operands must already share one dtype."""
+    if a.dtype == acc:
+        return a @ b
+    return torch.mm(a, b, out_dtype=acc)
+
+
+def _row_blocks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ_k a[i,k]·b[i,k] per row, without a third chunk×V temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# reference
+
+
+def naive_tempnet_lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    tempnet: LMTempNet,
+    rho: float,
+    ignore_index: int = -100,
+    loss_scale_count: CountLike | None = None,
+) -> LMLossOutput:
+    """The robust LM loss written directly on full N×V logits (reference for tests and benchmarks).
+
+    Autograd of the definition gives the gradients DESIGN §2.1 asks for: TempNet reads the detached
+    logits, so τ's graph never reaches z and ∂ℓ/∂z is taken with τ fixed, while ∂ℓ/∂τ flows into
+    TempNet. `loss_scale_count` has the same meaning as in `tempnet_lm_loss`.
+    """
+    hidden, labels = _flatten(hidden, labels)
+    _check_head(lm_head_weight, hidden, tempnet)
+    acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype)
+    logits = hidden.to(acc) @ lm_head_weight.to(acc).t()
+    tau = tempnet(logits.detach()).to(acc)
+    valid = labels != ignore_index
+    targets = torch.where(valid, labels, 0)
+    num_valid = valid.sum()
+    divisor = _loss_divisor(num_valid, loss_scale_count, acc)
+
+    log_v = math.log(lm_head_weight.shape[0])
+    scaled_ce = tau * F.cross_entropy(logits / tau.unsqueeze(1), targets, reduction="none")
+    per_token = scaled_ce + (rho - log_v) * tau
+    loss = torch.where(valid, per_token, 0).sum() / divisor
+    with torch.no_grad():
+        ce = _mean_over_valid(F.cross_entropy(logits, targets, reduction="none"), valid, num_valid)
+    return LMLossOutput(loss=loss, tau=tau.detach().float(), num_valid=num_valid, ce=ce)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused: TempNet's first layer without logits
+
+
+class _ProjectThroughHead(torch.autograd.Function):
+    """W1 @ W_U ([hidden, V] @ [V, d] -> [hidden, d]) in accumulation precision, gradient for W1 only.
+
+    W_U rows are upcast block by block, so neither the forward nor the saved state for backward holds a
+    full-precision copy of a bf16 head. ∂/∂W1 = ∂A · W_Uᵀ is exact: it is what W1 would receive
+    through normalize(z) (DESIGN §2.1).
+    """
+
+    @staticmethod
+    def forward(ctx, first_weight: Tensor, head_weight: Tensor) -> Tensor:
+        acc = _accumulation_dtype(first_weight.dtype, head_weight.dtype)
+        projected = first_weight.new_zeros(first_weight.shape[0], head_weight.shape[1], dtype=acc)
+        for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
+            projected.addmm_(first_weight[:, rows].to(acc), head_weight[rows].to(acc))
+        ctx.save_for_backward(head_weight)
+        ctx.first_dtype = first_weight.dtype
+        return projected
+
+    @staticmethod
+    def backward(ctx, grad_projected: Tensor) -> tuple[Tensor, None]:
+        (head_weight,) = ctx.saved_tensors
+        shape = (grad_projected.shape[0], head_weight.shape[0])
+        grad_first = grad_projected.new_empty(shape, dtype=ctx.first_dtype)
+        for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
+            grad_first[:, rows] = grad_projected @ head_weight[rows].to(grad_projected.dtype).t()
+        return grad_first, None
+
+
+def _head_gram(head_weight: Tensor, acc: torch.dtype) -> Tensor:
+    """W_Uᵀ W_U (d×d) in accumulation precision: ‖z‖² = hᵀ(W_Uᵀ W_U)h without forming z."""
+    operand = _operand_dtype(head_weight.dtype, head_weight.dtype, head_weight.device)
+    d = head_weight.shape[1]
+    gram = head_weight.new_zeros(d, d, dtype=acc)
+    for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
+        block = head_weight[rows].to(operand)
+        gram += _mm(block.t(), block, acc)
+    return gram
+
+
+def tempnet_tau_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tempnet: LMTempNet) -> Tensor:
+    """τ = tempnet(hidden @ W_Uᵀ) for hidden [N, d], without forming the N×V logits.
+
+    W1·normalize(z) = (W1·W_U)·h / ‖z‖ with ‖z‖² = hᵀ(W_Uᵀ W_U)h: O(N·d·(d + hidden) + hidden·d·V)
+    instead of O(N·V·hidden). Gradient reaches TempNet's parameters only (h and W_U are detached, as
+    TempNet reads detached logits). Exact in real arithmetic; in floating point ‖z‖ via the Gram
+    matrix loses relative accuracy only when ‖z‖ ≪ ‖W_U‖·‖h‖.
+    """
+    first = tempnet.first
+    acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype, first.weight.dtype)
+    head = lm_head_weight.detach()
+    h = hidden.detach().to(acc)
+    sq_norm = ((h @ _head_gram(head, acc)) * h).sum(-1).clamp_min(0)  # Gram rounding can dip below 0
+    inv_norm = 1.0 / sq_norm.sqrt().clamp_min(_NORM_EPS)
+    pre = (h * inv_norm.unsqueeze(1)) @ _ProjectThroughHead.apply(first.weight, head).t()
+    if first.bias is not None:
+        pre = pre + first.bias.to(acc)
+    return tempnet.tau_from_first_layer(pre.to(first.weight.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# fused: one pass over token chunks
+
+
+class _HeadPass:
+    """State of one chunked pass against the LM head: chunk logits in accumulation precision, and the
+    gradients w.r.t. hidden and W_U accumulated eagerly from each chunk's ∂loss/∂z.
+
+    Holds at most one chunk×V logits buffer (reused across chunks), the gradient buffers (N×d, V×d),
+    and, only where the device cannot write fp32 products from bf16 operands (CPU), an fp32 copy of a
+    bf16 head so the chunks don't each repeat the cast.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, chunk_size: int, need_dh: bool, need_dw: bool) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.acc = _accumulation_dtype(hidden.dtype, weight.dtype)
+        self.operand = _operand_dtype(hidden.dtype, weight.dtype, hidden.device)
+        self.hidden = hidden
+        self.weight = weight.to(self.operand)
+        self.hidden_dtype, self.weight_dtype = hidden.dtype, weight.dtype
+        self.chunk_size = chunk_size
+        n, d = hidden.shape
+        vocab = weight.shape[0]
+        self.vocab = vocab
+        self.grad_hidden = hidden.new_zeros(n, d, dtype=self.acc) if need_dh else None
+        self.grad_weight = hidden.new_zeros(vocab, d, dtype=self.acc) if need_dw else None
+        rows = min(chunk_size, n)
+        writes_in_place = self.operand == self.acc
+        self._logits_buffer = hidden.new_empty(rows, vocab, dtype=self.acc) if writes_in_place else None
+
+    def chunks(self) -> Iterator[slice]:
+        return _row_blocks(self.hidden.shape[0], self.chunk_size)
+
+    def logits(self, rows: slice) -> Tensor:
+        h = self.hidden[rows].to(self.operand)
+        if self._logits_buffer is None:
+            return _mm(h, self.weight.t(), self.acc)
+        return torch.mm(h, self.weight.t(), out=self._logits_buffer[: h.shape[0]])
+
+    def backprop(self, rows: slice, grad_logits: Tensor) -> None:
+        """Add a chunk's ∂loss/∂z (already divided by the token count) to the hidden and head grads."""
+        g = grad_logits.to(self.operand)
+        if self.grad_hidden is not None:
+            self.grad_hidden[rows] = _mm(g, self.weight, self.acc)
+        if self.grad_weight is None:
+            return
+        h = self.hidden[rows].to(self.operand)
+        if self.operand == self.acc:
+            self.grad_weight.addmm_(g.t(), h)
+            return
+        for vocab_rows in _row_blocks(self.vocab, _HEAD_ROW_BLOCK):  # bounds the fp32 temporary
+            self.grad_weight[vocab_rows] += _mm(g[:, vocab_rows].t(), h, self.acc)
+
+    def grads(self) -> tuple[Tensor | None, Tensor | None]:
+        dh = None if self.grad_hidden is None else self.grad_hidden.to(self.hidden_dtype)
+        dw = None if self.grad_weight is None else self.grad_weight.to(self.weight_dtype)
+        return dh, dw
+
+
+def _shift_by_row_max_(logits: Tensor, targets: Tensor) -> Tensor:
+    """In place z ← z − max_k z_k (so exp never overflows); returns the shifted target logit."""
+    logits.sub_(logits.amax(dim=1, keepdim=True))
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+
+
+def _probs_to_grad_(probs: Tensor, targets: Tensor, row_scale: Tensor) -> Tensor:
+    """In place p ← (p − onehot(y))·row_scale; row_scale is 0 on ignored tokens."""
+    probs.scatter_add_(1, targets.unsqueeze(1), -torch.ones_like(row_scale).unsqueeze(1))
+    return probs.mul_(row_scale.unsqueeze(1))
+
+
+def _saved_grads_times(ctx, grad_out: Tensor) -> list[Tensor | None]:
+    return [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+
+
+class _FusedTempNetLM(torch.autograd.Function):
+    """Loss and all gradients of the robust LM loss in one chunked pass, τ given.
+
+    Per chunk (fp32 logits, shifted by the row max): u = (z − max)/τ, p = softmax(u),
+    ℓ = τ·log Σ e^u − (z_y − max) + (ρ − log V)·τ, ∂z = (p − onehot)·valid/count,
+    ∂τ = (H(p) + ρ − log V)·valid/count. Backward only scales the saved gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tau, labels, divisor, rho, chunk_size, ignore_index):
+        head = _HeadPass(hidden, weight, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        acc = head.acc
+        valid_all = labels != ignore_index
+        targets_all = torch.where(valid_all, labels, 0)
+        tau_acc = tau.detach().to(acc)
+        log_v = math.log(weight.shape[0])
+        grad_tau = torch.zeros_like(tau_acc)
+        loss_sum = hidden.new_zeros((), dtype=acc)
+        ce_sum = hidden.new_zeros((), dtype=acc)
+        probs_buffer = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=acc)
+
+        for rows in head.chunks():
+            valid, targets, tau_c = valid_all[rows], targets_all[rows], tau_acc[rows]
+            row_scale = valid.to(acc) / divisor
+            logits = head.logits(rows)
+            shifted_target = _shift_by_row_max_(logits, targets)
+            probs = torch.exp(logits, out=probs_buffer[: logits.shape[0]])
+            log_z1 = probs.sum(1).log()  # τ = 1 partition function, for the plain-CE metric
+            u = logits.div_(tau_c.unsqueeze(1))
+            torch.exp(u, out=probs)
+            partition = probs.sum(1)
+            log_z = partition.log()
+            entropy = log_z - _row_dot(probs, u) / partition
+            probs.div_(partition.unsqueeze(1))
+            head.backprop(rows, _probs_to_grad_(probs, targets, row_scale))
+
+            token_loss = tau_c * log_z - shifted_target + (rho - log_v) * tau_c
+            loss_sum += torch.where(valid, token_loss, 0).sum()
+            ce_sum += torch.where(valid, log_z1 - shifted_target, 0).sum()
+            grad_tau[rows] = (entropy + rho - log_v) * row_scale
+
+        dh, dw = head.grads()
+        ctx.grads = (dh, dw, grad_tau.to(tau.dtype))
+        ctx.mark_non_differentiable(ce_sum)
+        return loss_sum / divisor, ce_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce):
+        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Plain cross-entropy on the head's logits, chunked with the same eager-gradient pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, divisor, chunk_size, ignore_index):
+        head = _HeadPass(hidden, weight, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        valid_all = labels != ignore_index
+        targets_all = torch.where(valid_all, labels, 0)
+        loss_sum = hidden.new_zeros((), dtype=head.acc)
+        for rows in head.chunks():
+            valid, targets = valid_all[rows], targets_all[rows]
+            logits = head.logits(rows)
+            shifted_target = _shift_by_row_max_(logits, targets)
+            probs = logits.exp_()
+            partition = probs.sum(1)
+            loss_sum += torch.where(valid, partition.log() - shifted_target, 0).sum()
+            probs.div_(partition.unsqueeze(1))
+            head.backprop(rows, _probs_to_grad_(probs, targets, valid.to(head.acc) / divisor))
+        ctx.grads = head.grads()
+        return loss_sum / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None)
+
+
+def tempnet_lm_loss(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    tempnet: LMTempNet,
+    rho: float,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = -100,
+    loss_scale_count: CountLike | None = None,
+) -> LMLossOutput:
+    """Fused, chunked robust LM loss (DESIGN §2.1): same value and gradients as
+    `naive_tempnet_lm_loss`, never holding N×V logits, softmax or TempNet input.
+
+    hidden: [B, T, d] or [N, d] final hidden states (already shifted to align with labels); bf16 is
+    fine, logits are computed with fp32 output. lm_head_weight: [V, d] (no head bias). labels: [B, T]
+    or [N]. tempnet: an LMTempNet over V; in train mode its dropout is applied as usual.
+    chunk_size: tokens per chunk; memory is about two chunk_size×V fp32 buffers plus the V×d fp32
+    head-gradient accumulator.
+
+    loss_scale_count: what the summed token losses are divided by; default the number of valid
+    tokens here. Under data parallelism pass `global_valid_count / world_size`, where
+    global_valid_count is this step's valid-token count all-reduced (SUM) over ranks: each rank's
+    loss is then Σ_local ℓ · world_size / global_count, so the gradient average DDP/DeepSpeed takes
+    is exactly the gradient of the global mean (and the mean of the ranks' loss values is the global
+    mean loss). Ranks with no valid tokens contribute zero.
+
+    Returns LMLossOutput(loss, tau [N] detached fp32, num_valid (local), ce: local mean plain CE).
+    """
+    hidden, labels = _flatten(hidden, labels)
+    _check_head(lm_head_weight, hidden, tempnet)
+    tau = tempnet_tau_from_hidden(hidden, lm_head_weight, tempnet)
+    acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype)
+    num_valid = (labels != ignore_index).sum()
+    divisor = _loss_divisor(num_valid, loss_scale_count, acc)
+    loss, ce_sum = _FusedTempNetLM.apply(
+        hidden, lm_head_weight, tau, labels, divisor, float(rho), int(chunk_size), ignore_index
+    )
+    ce = ce_sum / num_valid.clamp_min(1)
+    return LMLossOutput(loss=loss, tau=tau.detach().float(), num_valid=num_valid, ce=ce)
+
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    labels: Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ignore_index: int = -100,
+    loss_scale_count: CountLike | None = None,
+) -> Tensor:
+    """Mean cross-entropy of hidden @ W_Uᵀ over valid tokens, without N×V logits (no TempNet).
+
+    The plain-CE baseline of training and benchmarks; same shapes, dtypes and `loss_scale_count`
+    meaning as `tempnet_lm_loss`.
+    """
+    hidden, labels = _flatten(hidden, labels)
+    _check_head(lm_head_weight, hidden, None)
+    acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype)
+    divisor = _loss_divisor((labels != ignore_index).sum(), loss_scale_count, acc)
+    return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, divisor, int(chunk_size), ignore_index)

@@ -1,0 +1,245 @@
+"""The CLIP task: a transformers CLIPModel + one contrastive loss of the DRO family.
+
+Plugs into train.Trainer: module, parameter groups, batch stream, forward, evaluation, state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_tempnet.config import Config
+from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
+from dist_tempnet.engine import ParamGroup, default_param_groups
+from dist_tempnet.evaluate import class_text_embeddings, gather_rows, lockstep, retrieval_metrics
+from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
+from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
+from dist_tempnet.train import StepResult
+
+
+class CLIPTrainModule(nn.Module):
+    """What DeepSpeed wraps: the CLIP encoders and the loss (with its TempNets) in one module."""
+
+    def __init__(self, clip: nn.Module, loss_fn: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+        self.loss_fn = loss_fn
+
+    def embed(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        dtype = next(self.clip.parameters()).dtype
+        img = txt = None
+        if pixel_values is not None:
+            img = F.normalize(encode_images(self.clip, pixel_values.to(dtype)).float(), dim=-1)
+        if input_ids is not None:
+            txt = F.normalize(encode_texts(self.clip, input_ids, attention_mask).float(), dim=-1)
+        return img, txt
+
+    def forward(self, pixel_values, input_ids, attention_mask, sample_ids):
+        img, txt = self.embed(pixel_values, input_ids, attention_mask)
+        return self.loss_fn(img, txt, sample_ids)
+
+
+def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt")
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def _special_ids(tokenizer) -> dict[str, int]:
+    ids = {}
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            ids[name] = int(value)
+    return ids
+
+
+class CLIPTask:
+    unit = "samples"
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
+        tok_path = cfg.data.tokenizer or self.train_manifest.tokenizer_path
+        if not tok_path:
+            raise ValueError(f"data.tokenizer: no tokenizer configured and {self.train_manifest.path} names none")
+        self.tokenizer = load_text_tokenizer(tok_path)
+        clip = build_clip_model(
+            cfg.model.preset,
+            cfg.model.pretrained,
+            cfg.model.overrides,
+            attn_implementation=cfg.model.attn_implementation,
+            **({} if cfg.model.pretrained else {
+                "vocab_size": len(self.tokenizer),
+                "special_ids": _special_ids(self.tokenizer),
+                "image_size": cfg.data.image_size,
+                "max_text_len": cfg.data.max_text_len,
+            }),
+        )
+        self.embed_dim = clip.config.projection_dim
+        self.num_samples = self.train_manifest.id_stop
+        self.loss_fn = build_contrastive_loss(cfg.loss.name, num_samples=self.num_samples,
+                                              embed_dim=self.embed_dim, **loss_kwargs(cfg))
+        self.module = CLIPTrainModule(clip, self.loss_fn)
+        self._stream = None
+        self._last_eval_tau: dict[str, torch.Tensor] = {}
+
+    # -- plumbing for train.Trainer -----------------------------------------------------------
+
+    def param_groups(self) -> list[ParamGroup]:
+        tempnet_params = [p for n, p in self.loss_fn.named_parameters() if "tempnet" in n and p.requires_grad]
+        skip = {id(p) for p in tempnet_params}
+        groups = default_param_groups(self.module, self.cfg.train.weight_decay, skip=skip)
+        if tempnet_params:
+            groups.append(ParamGroup("tempnet", tempnet_params, lr=self.cfg.loss.tempnet_lr,
+                                     weight_decay=self.cfg.loss.tempnet_weight_decay))
+        return groups
+
+    def batches(self):
+        d = self.cfg.data
+        self._stream = clip_batches(
+            self.train_manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
+            world_size=self.world, tokenizer=self.tokenizer, image_size=d.image_size,
+            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed,
+            max_text_len=d.max_text_len, allow_corrupt=d.allow_corrupt,
+        )
+        return self._stream
+
+    def units(self, batch: dict[str, Any]) -> int:
+        return int(batch["sample_ids"].shape[0])
+
+    def before_step(self, step: int) -> dict[str, float]:
+        lo = self.cfg.loss
+        if not hasattr(self.loss_fn, "gamma"):
+            return {}
+        gamma = gamma_schedule(lo.gamma_schedule, lo.gamma, step, self.cfg.train.steps, gamma_min=lo.gamma_min)
+        self.loss_fn.gamma = gamma
+        return {"gamma": gamma}
+
+    def forward(self, engine, batch: dict[str, Any]) -> StepResult:
+        out = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"])
+        metrics = {"loss": float(out.loss.detach())}
+        metrics.update(_tau_stats(out.image_tau, "image"))
+        metrics.update(_tau_stats(out.text_tau, "text"))
+        metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
+        metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in (out.stats or {}).items()})
+        return StepResult(out.loss, metrics)
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"data": {"samples_seen": getattr(self._stream, "samples_seen", 0),
+                                          "epoch": getattr(self._stream, "epoch", 0)}}
+        dro = getattr(self.loss_fn, "dro_state", None)
+        if dro is not None:
+            state["dro_state"] = dro.state_dict()
+        return state
+
+    def load_state(self, rank_files: list[Path], old_world: int) -> None:
+        dro = getattr(self.loss_fn, "dro_state", None)
+        if dro is None:
+            return
+        from dist_tempnet.dro_state import DROState
+
+        shards = [torch.load(p, weights_only=False)["task"]["dro_state"] for p in rank_files]
+        self.loss_fn.dro_state = DROState.from_shard_states(shards, self.rank, self.world, device=dro.device)
+
+    # -- evaluation -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        try:
+            manifest = resolve_manifest(self.cfg.data.path, self.cfg.data.eval_split)
+        except FileNotFoundError:
+            return {}
+        module: CLIPTrainModule = engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            return self._evaluate(module, manifest)
+        finally:
+            module.train(was_training)
+
+    def _evaluate(self, module: CLIPTrainModule, manifest) -> dict[str, float]:
+        d = self.cfg.data
+        stream = eval_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
+                              world_size=self.world, tokenizer=self.tokenizer, image_size=d.image_size,
+                              max_text_len=d.max_text_len)
+        imgs, txts, labels = [], [], []
+        limit = self.cfg.eval.max_batches
+        for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
+            b = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            img, txt = module.embed(b["pixel_values"], b["input_ids"], b["attention_mask"])
+            if real and (not limit or i < limit):
+                imgs.append(img)
+                txts.append(txt)
+                if "labels" in b:
+                    labels.append(b["labels"])
+        img_all = gather_rows(torch.cat(imgs))
+        txt_all = gather_rows(torch.cat(txts))
+        results = retrieval_metrics(img_all, txt_all)
+        results = {f"eval/{k}": v for k, v in results.items()}
+        meta = manifest.metadata
+        if self.cfg.eval.zero_shot and labels and meta.get("class_names") and meta.get("prompt_templates"):
+            lab_all = gather_rows(torch.cat(labels))
+            results["eval/zero_shot_acc"] = self._zero_shot(module, img_all, lab_all, meta)
+            results["eval/zero_shot_chance"] = 1.0 / len(meta["class_names"])
+        self._last_eval_tau = self._eval_tau(module, img_all, txt_all)
+        return results
+
+    def _zero_shot(self, module: CLIPTrainModule, img_all: torch.Tensor, labels: torch.Tensor,
+                   meta: dict[str, Any]) -> float:
+        classes, templates = meta["class_names"], meta["prompt_templates"]
+        prompts = [t.format(c) for c in classes for t in templates]
+        enc = tokenize(self.tokenizer, prompts, self.cfg.data.max_text_len, self.device)
+        _, txt = module.embed(None, enc["input_ids"], enc["attention_mask"])
+        class_emb = class_text_embeddings(txt.view(len(classes), len(templates), -1))
+        preds = (img_all @ class_emb.t()).argmax(dim=-1)
+        return float((preds == labels.to(preds.device)).float().mean())
+
+    def _eval_tau(self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
+        loss_fn = module.loss_fn
+        out = {}
+        for side, feats in (("image", img), ("text", txt)):
+            tempnet = getattr(loss_fn, f"{side}_tempnet", None)
+            if isinstance(tempnet, nn.Module):
+                dtype = next(tempnet.parameters()).dtype
+                out[side] = tempnet(feats.to(dtype)).float().cpu()
+        return out
+
+    def log_artifacts(self, tracker) -> None:
+        if not tracker.enabled or not self._last_eval_tau:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for side, tau in self._last_eval_tau.items():
+            ax.hist(tau.numpy(), bins=50, alpha=0.6, label=f"{side} τ")
+        ax.set_xlabel("τ (TempNet, held-out split)")
+        ax.set_ylabel("samples")
+        ax.legend()
+        fig.tight_layout()
+        tracker.log_figure(fig, "tau_histogram.png")
+        plt.close(fig)
+
+
+def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:
+    if tau is None or tau.numel() == 0:
+        return {f"tau/{side}_mean": float("nan")}
+    t = tau.detach().float()
+    return {f"tau/{side}_mean": float(t.mean()), f"tau/{side}_min": float(t.min()), f"tau/{side}_max": float(t.max())}
+
+
+def loss_kwargs(cfg: Config) -> dict[str, Any]:
+    lo = cfg.loss
+    return {
+        "gamma": lo.gamma, "rho": lo.rho, "init_tau": lo.init_tau, "tau_min": lo.tau_min, "tau_max": lo.tau_max,
+        "num_prototypes": lo.num_prototypes, "tempnet_dropout": lo.tempnet_dropout,
+        "isogclr_tau_lr": lo.isogclr_tau_lr, "state_device": lo.state_device,
+    }
+

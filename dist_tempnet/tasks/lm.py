@@ -1,0 +1,243 @@
+"""The LM task: a transformers causal LM + LMTempNet trained with the fused robust loss.
+
+Modes (train.mode): `scratch` and `finetune` train the LM and TempNet jointly; `tempnet_only`
+freezes the LM (no gradients, no optimizer state) and trains TempNet alone, the paper's
+LLaMA2-Chat setting. loss.name=ce trains with plain (chunked) cross-entropy, the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_tempnet import comm
+from dist_tempnet.config import Config
+from dist_tempnet.data import eval_token_batches, load_text_tokenizer, resolve_manifest, token_batches
+from dist_tempnet.engine import ParamGroup, default_param_groups
+from dist_tempnet.evaluate import lockstep
+from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss
+from dist_tempnet.models.lm import build_causal_lm
+from dist_tempnet.tempnet import LMTempNet
+from dist_tempnet.train import StepResult
+
+
+def head_weight(lm: nn.Module) -> torch.Tensor:
+    return lm.get_output_embeddings().weight
+
+
+def final_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Last hidden states (after the final norm) without computing the N×V logits."""
+    return lm.base_model(input_ids=input_ids).last_hidden_state
+
+
+class LMTrainModule(nn.Module):
+    """What DeepSpeed wraps; forward returns (loss, tau or None, num_valid, plain CE)."""
+
+    def __init__(self, lm: nn.Module, tempnet: LMTempNet | None, loss_name: str, rho: float, chunk_size: int,
+                 frozen_lm: bool) -> None:
+        super().__init__()
+        self.lm = lm
+        self.tempnet = tempnet
+        self.loss_name = loss_name
+        self.rho = rho
+        self.chunk_size = chunk_size
+        self.frozen_lm = frozen_lm
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale_count: torch.Tensor):
+        if self.frozen_lm:
+            with torch.no_grad():
+                hidden = final_hidden(self.lm, input_ids)
+        else:
+            hidden = final_hidden(self.lm, input_ids)
+        weight = head_weight(self.lm)
+        if self.frozen_lm:
+            weight = weight.detach()
+        if self.loss_name == "ce":
+            loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=self.chunk_size,
+                                         loss_scale_count=loss_scale_count)
+            return loss, None
+        out = tempnet_lm_loss(hidden, weight, labels, self.tempnet, self.rho, chunk_size=self.chunk_size,
+                              loss_scale_count=loss_scale_count)
+        return out.loss, out.tau
+
+
+@torch.no_grad()
+def token_eval_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor | None,
+                    chunk_size: int, ignore_index: int = -100) -> torch.Tensor:
+    """[nll at τ=1, nll at τ (TempNet), correct top-1, valid tokens] summed over tokens, chunked."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = labels.reshape(-1)
+    sums = torch.zeros(4, dtype=torch.float64, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        valid = y[sl] != ignore_index
+        if not valid.any():
+            continue
+        logits = (h[sl][valid] @ weight.t()).float()
+        target = y[sl][valid]
+        sums[0] += torch.nn.functional.cross_entropy(logits, target, reduction="sum").double()
+        scaled = logits / tau[sl][valid].float().unsqueeze(1) if tau is not None else logits
+        sums[1] += torch.nn.functional.cross_entropy(scaled, target, reduction="sum").double()
+        sums[2] += (logits.argmax(dim=-1) == target).sum().double()
+        sums[3] += valid.sum().double()
+    return sums
+
+
+class LMTask:
+    unit = "tokens"
+
+    def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
+        tok_path = cfg.data.tokenizer or cfg.model.pretrained or self.train_manifest.tokenizer_path
+        self.tokenizer = load_text_tokenizer(tok_path) if tok_path else None
+        special = {}
+        if self.tokenizer is not None:
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                if getattr(self.tokenizer, name, None) is not None:
+                    special[name] = int(getattr(self.tokenizer, name))
+        lm = build_causal_lm(
+            cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, attn_implementation=cfg.model.attn_implementation,
+            **({} if cfg.model.pretrained else {"vocab_size": len(self.tokenizer) if self.tokenizer else None,
+                                                 "special_ids": special}),
+        )
+        if cfg.train.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        frozen = cfg.train.mode == "tempnet_only"
+        if frozen:
+            lm.requires_grad_(False)
+        vocab = head_weight(lm).shape[0]
+        lo = cfg.loss
+        tempnet = None
+        if lo.name == "tempnet":
+            tempnet = LMTempNet(vocab, hidden_size=lo.tempnet_hidden, tau_min=lo.tau_min, tau_max=lo.tau_max,
+                                dropout=lo.tempnet_dropout)
+        self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
+        self._stream = None
+        self.last_tau: torch.Tensor | None = None
+
+    # -- plumbing for train.Trainer ------------------------------------------------------------
+
+    def param_groups(self) -> list[ParamGroup]:
+        groups: list[ParamGroup] = []
+        if not self.module.frozen_lm:
+            groups += default_param_groups(self.module.lm, self.cfg.train.weight_decay)
+        if self.module.tempnet is not None:
+            groups.append(ParamGroup("tempnet", list(self.module.tempnet.parameters()), lr=self.cfg.loss.tempnet_lr,
+                                     weight_decay=self.cfg.loss.tempnet_weight_decay))
+        return groups
+
+    def after_engine(self, engine) -> None:
+        """ZeRO-3: parameters used outside their module's forward must be registered as external."""
+        if self.cfg.deepspeed.zero_stage != 3:
+            return
+        from deepspeed.zero import register_external_parameter
+
+        module = engine.module
+        register_external_parameter(module, head_weight(module.lm))
+        if module.tempnet is not None:
+            register_external_parameter(module, module.tempnet.first.weight)
+            register_external_parameter(module, module.tempnet.first.bias)
+
+    def batches(self):
+        d = self.cfg.data
+        self._stream = token_batches(
+            self.train_manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
+            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed,
+            allow_corrupt=d.allow_corrupt,
+        )
+        return self._stream
+
+    def units(self, batch: dict[str, Any]) -> int:
+        ids = batch["input_ids"]
+        return int(ids.shape[0] * (ids.shape[1] - 1))
+
+    def before_step(self, step: int) -> dict[str, float]:
+        return {}
+
+    def _split(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = batch["input_ids"]
+        inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+        if "loss_mask" in batch:
+            labels = labels.masked_fill(~batch["loss_mask"][:, 1:].bool(), -100)
+        valid = (labels != -100).sum().to(torch.float64)
+        # One scalar all-reduce so every rank divides by the global count: averaged gradients then
+        # equal the gradient of the global token mean.
+        scale = comm.all_reduce_sum(valid.clone()) / comm.world_size()
+        return inputs, labels, scale
+
+    def forward(self, engine, batch: dict[str, Any]) -> StepResult:
+        inputs, labels, scale = self._split(batch)
+        loss, tau = engine(inputs, labels, scale)
+        metrics = {"loss": float(loss.detach())}
+        if tau is not None:
+            valid = (labels.reshape(-1) != -100)
+            t = tau[valid] if valid.any() else tau
+            metrics.update({"tau/mean": float(t.mean()), "tau/min": float(t.min()), "tau/max": float(t.max())})
+            self.last_tau = t.detach().cpu()
+        return StepResult(loss, metrics)
+
+    def state(self) -> dict[str, Any]:
+        return {"data": {"samples_seen": getattr(self._stream, "samples_seen", 0),
+                         "epoch": getattr(self._stream, "epoch", 0)}}
+
+    def load_state(self, rank_files: list[Path], old_world: int) -> None:
+        return None
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, engine) -> dict[str, float]:
+        try:
+            manifest = resolve_manifest(self.cfg.data.path, self.cfg.data.eval_split)
+        except FileNotFoundError:
+            return {}
+        module: LMTrainModule = engine.module
+        was_training = module.training
+        module.eval()
+        try:
+            sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            stream = eval_token_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
+                                        world_size=self.world)
+            limit = self.cfg.eval.max_batches
+            for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
+                ids = batch["input_ids"].to(self.device)
+                inputs, labels = ids[:, :-1], ids[:, 1:]
+                hidden = final_hidden(module.lm, inputs)
+                weight = head_weight(module.lm)
+                tau = None
+                if module.tempnet is not None:
+                    from dist_tempnet.losses.lm import tempnet_tau_from_hidden
+
+                    tau = tempnet_tau_from_hidden(hidden.reshape(-1, hidden.shape[-1]), weight, module.tempnet)
+                if real and (not limit or i < limit):
+                    sums += token_eval_sums(hidden, weight, labels, tau, self.cfg.loss.chunk_size)
+            sums = comm.all_reduce_sum(sums)
+        finally:
+            module.train(was_training)
+        n = max(1.0, float(sums[3]))
+        results = {"eval/ppl": math.exp(float(sums[0]) / n), "eval/token_acc": float(sums[2]) / n,
+                   "eval/loss_ce": float(sums[0]) / n, "eval/tokens": float(sums[3])}
+        if module.tempnet is not None:
+            results["eval/ppl_tempnet"] = math.exp(float(sums[1]) / n)
+        return results
+
+    def log_artifacts(self, tracker) -> None:
+        if not tracker.enabled or self.last_tau is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.hist(self.last_tau.numpy(), bins=50)
+        ax.set_xlabel("τ per token (last training batch)")
+        ax.set_ylabel("tokens")
+        fig.tight_layout()
+        tracker.log_figure(fig, "tau_histogram.png")
+        plt.close(fig)

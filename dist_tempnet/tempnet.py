@@ -1,0 +1,119 @@
+"""TempNet modules: small networks that predict a temperature per input (DESIGN §2.1, §2.2).
+
+Both nets read *detached* inputs: the backbone never gets gradient through τ, only through the
+robust loss with τ held fixed. σ below is the logistic sigmoid. Scalar parameters are stored 1-dim
+because DeepSpeed 0.19.8 cannot broadcast 0-dim parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _bounded_tau(score: torch.Tensor, tau_min: float, tau_max: float) -> torch.Tensor:
+    return (tau_max - tau_min) * torch.sigmoid(score) + tau_min
+
+
+class _Readout(nn.Module):
+    """τ = (τ_max − τ_min)·sigmoid(wᵀ((softmax(p / e^s) − 1/M) ⊙ v) + b) + τ_min.
+
+    Shared by both TempNets: an attention over M prototype/hidden scores p decides which of the
+    values v push the temperature up or down. w = 1, b = 0 at init, as in the paper.
+    """
+
+    def __init__(self, width: int, tau_min: float, tau_max: float) -> None:
+        super().__init__()
+        if not 0 < tau_min < tau_max:
+            raise ValueError(f"TempNet needs 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}")
+        self.width = width
+        self.tau_min = float(tau_min)
+        self.tau_max = float(tau_max)
+        self.log_scale = nn.Parameter(torch.zeros(1))
+        self.out = nn.Linear(width, 1)
+        nn.init.ones_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        attn = torch.softmax(scores / self.log_scale.exp(), dim=-1)
+        score = self.out((attn - 1.0 / self.width) * values).squeeze(-1)
+        return _bounded_tau(score, self.tau_min, self.tau_max)
+
+
+class LMTempNet(nn.Module):
+    """Per-token temperature from the token's logits (DESIGN §2.1).
+
+    x = normalize(z); h = W2·σ(W1 x) (dropout after σ); τ = readout(h, h).
+    `first` (W1, V→hidden) is exposed separately because the fused loss applies it without ever
+    forming normalize(z): W1·normalize(z) = (W1·W_U)·h / ‖z‖.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int = 256,
+        tau_min: float = 0.01,
+        tau_max: float = 1.5,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.first = nn.Linear(vocab_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.second = nn.Linear(hidden_size, hidden_size)
+        self.readout = _Readout(hidden_size, tau_min, tau_max)
+
+    @property
+    def tau_min(self) -> float:
+        return self.readout.tau_min
+
+    @property
+    def tau_max(self) -> float:
+        return self.readout.tau_max
+
+    def tau_from_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
+        """τ given W1·normalize(z) + b1 (shape [N, hidden])."""
+        h = self.second(self.dropout(torch.sigmoid(pre)))
+        return self.readout(h, h)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(logits.detach().to(self.first.weight.dtype), dim=-1)
+        return self.tau_from_first_layer(self.first(x))
+
+
+class CLIPTempNet(nn.Module):
+    """Per-sample temperature from an L2-normalized image or text feature (DESIGN §2.2).
+
+    x = dropout(σ(W e)); p = x·normalize(P)ᵀ for M learnable prototypes P; τ = readout(p, σ(p)).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_prototypes: int = 256,
+        tau_min: float = 0.005,
+        tau_max: float = 0.05,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_prototypes = num_prototypes
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, embed_dim) / embed_dim**0.5)
+        self.readout = _Readout(num_prototypes, tau_min, tau_max)
+
+    @property
+    def tau_min(self) -> float:
+        return self.readout.tau_min
+
+    @property
+    def tau_max(self) -> float:
+        return self.readout.tau_max
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(torch.sigmoid(self.proj(features.detach().to(self.proj.weight.dtype))))
+        p = x @ F.normalize(self.prototypes, dim=-1).t()
+        return self.readout(p, torch.sigmoid(p))

@@ -1,0 +1,179 @@
+"""MLflow tracking, rank 0 only, and never fatal.
+
+The driver creates the run (so it can print its id and log the resolved config before any worker
+starts); rank 0 of the workers reopens it by id and logs metrics. Tracking failures (server down,
+database locked) print one warning and are buffered and retried at the next call: a run never
+dies because of tracking.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dist_tempnet.config import Config
+
+
+def resolve_tracking_uri(uri: str) -> str:
+    """Absolute URI for the workers: Ray runs them in throwaway working directories."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        rel = uri[len("sqlite:///") :]
+        return f"sqlite:///{Path(rel).resolve()}"
+    if "://" not in uri:
+        raise ValueError(
+            f"mlflow.tracking_uri: {uri!r} is not a URI; use sqlite:///path/mlflow.db or http://host:5000 "
+            "(MLflow 3 refuses plain file stores)"
+        )
+    return uri
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over MlflowClient bound to one run.
+
+    `Tracker.disabled()` is a no-op stand-in for ranks other than 0 and runs without MLflow.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, max_buffer: int = 100_000) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._pending: list[Any] = []
+        self._max_buffer = max_buffer
+        self._warned = False
+        self.failures = 0
+
+    @classmethod
+    def disabled(cls) -> Tracker:
+        self = cls.__new__(cls)
+        self.run_id = ""
+        self.client = None
+        self.failures = 0
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    def _call(self, fn, *args, **kwargs) -> bool:
+        try:
+            fn(*args, **kwargs)
+            return True
+        except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+            self.failures += 1
+            if not self._warned:
+                warnings.warn(f"MLflow tracking failed ({type(exc).__name__}: {exc}); training continues, "
+                              "metrics are buffered and retried", stacklevel=3)
+                self._warned = True
+            return False
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> None:
+        if not self.enabled or not self._pending:
+            return
+        batch = self._pending[:1000]
+        if self._call(self.client.log_batch, self.run_id, metrics=batch):
+            del self._pending[: len(batch)]
+            if self._pending:
+                self.flush()
+            elif self._warned:
+                self._warned = False
+        elif len(self._pending) > self._max_buffer:
+            del self._pending[: len(self._pending) - self._max_buffer]
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        for k, v in tags.items():
+            self._call(self.client.set_tag, self.run_id, k, str(v))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._call(self.client.log_text, self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._call(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        if self.enabled:
+            self._call(self.client.log_figure, self.run_id, figure, artifact_file)
+
+    def terminate(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.flush()
+            self._call(self.client.set_terminated, self.run_id, status)
+
+
+def start_run(cfg: Config, world_size: int) -> tuple[str, str]:
+    """Create the MLflow run in the driver; returns (tracking_uri, run_id)."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.config import dump_config
+
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+    tags = {
+        "mlflow.runName": cfg.mlflow.run_name or cfg.run.name,
+        "git_commit": git_commit(),
+        "task": cfg.run.task,
+        "method": cfg.loss.name,
+        "model": cfg.model.pretrained or cfg.model.preset,
+        "world_size": str(world_size),
+        "zero_stage": str(cfg.deepspeed.zero_stage),
+        "mlflow.source.name": "dist-tempnet",
+        **cfg.mlflow.tags,
+    }
+    run = client.create_run(exp_id, tags=tags)
+    tracker = Tracker(uri, run.info.run_id)
+    tracker.log_params(flatten(cfg.to_dict()) | {"world_size": world_size, "grad_accum_steps": cfg.grad_accum_steps})
+    tracker.log_text(dump_config(cfg), "config.yaml")
+    return uri, run.info.run_id

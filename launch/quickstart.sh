@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Fresh machine -> running job. Sets up .venv (torch 2.13.0 CPU wheel when the venv has no torch,
+# then this project with its dev extras) and runs one thing:
+#   launch/quickstart.sh train [overrides...]   the main job (embedded default: tiny CLIP, 2 Ray
+#                                               workers, DeepSpeed ZeRO-2, MLflow in ./mlflow.db)
+#   launch/quickstart.sh test [pytest args...]  the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-train}"; shift || true
+
+venv="${DIST_TEMPNET_VENV:-.venv}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+py="$venv/bin/python"
+# A plain `torch` requirement would pull a multi-GB CUDA build: install the CPU wheel first.
+"$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q torch==2.13.0
+# Re-install only when pyproject.toml changed since the last install.
+stamp="$venv/.dist_tempnet-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$py" -c "import dist_tempnet" 2>/dev/null; then
+  "$py" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  "$py" -c "import dist_tempnet, deepspeed, ray, mlflow, webdataset" >/dev/null
+  touch "$stamp"
+fi
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+export PATH="$PWD/$venv/bin:$PATH"
+
+case "$what" in
+  train) exec dist-tempnet train "$@" ;;
+  test)  exec "$py" -m pytest -q "$@" ;;
+  *) echo "usage: $0 train [overrides...] | test [pytest args...]" >&2; exit 2 ;;
+esac
