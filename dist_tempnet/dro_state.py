@@ -6,16 +6,18 @@ holds O(N/K) rows and the owner of any id is known without a lookup table.
 A row holds, in float64:
 
 - `u_image`, `shift_image`, `u_text`, `shift_text`: the moving estimate u of each anchor's
-  partition function g, stored as u = u_hat·exp(shift). exp(d/τ) with τ = 0.005 overflows even
-  float64, so the losses keep every sample's u relative to its own shift (see
-  losses/contrastive.py for how the shift is chosen);
-- optional extra fields declared by a loss (e.g. iSogCLR's per-sample temperatures and their
-  optimizer state), each with its initial value;
+  partition function g, stored as u = u_hat·exp(shift). With |d| ≤ 2 and τ = 0.005, exp(d/τ)
+  reaches e^400: far beyond float32 (and float64 below τ ≈ 0.003), so the losses keep every
+  sample's u relative to its own shift (see losses/contrastive.py for how the shift is chosen);
+- optional extra fields declared by a loss (e.g. iSogCLR's per-sample temperatures), each with
+  its initial value;
 - `visited`: whether the sample has been seen (its first visit sets u = g).
 
-Checkpoints: every rank saves its own shard (`save`); a run resumed with a different world size
-rebuilds its shard from all old shards (`load_resharded` / `from_directory`), streaming them one at a
-time so peak memory stays one old shard plus the new one.
+Checkpoints: every rank saves its own shard (`save` / `save_to_directory`, or puts `state_dict()`
+into its own per-rank checkpoint file); a run resumed with the same world size loads its own shard
+(`load` / `load_state_dict`), one with a different world size rebuilds its shard from all old
+shards (`load_resharded` / `from_directory` for shard files, `from_shard_states` for state dicts),
+reading them one at a time.
 """
 
 from __future__ import annotations
@@ -229,57 +231,56 @@ class DROState:
         device: str | torch.device = "cpu",
         num_samples: int | None = None,
     ) -> DROState:
-        """Build `rank`'s shard for `world_size` ranks from every shard of an earlier run (any world size).
+        """Build `rank`'s shard for `world_size` ranks from every shard file of an earlier run.
 
-        `paths` must be exactly the old run's shards (one per old rank, any order). If `num_samples` is
-        given it must match the saved one (catches resuming on a different dataset).
+        `paths` must be exactly the old run's shards (one per old rank, any order, any old world
+        size). If `num_samples` is given it must match the saved one (catches resuming on another
+        dataset). Old shards are read one at a time (memory-mapped).
         """
         if not paths:
             raise ValueError("DROState.load_resharded needs the paths of all saved shards, got none")
         headers = [_read_header(p) for p in paths]
-        first_path, first = paths[0], headers[0]
-        old_world = first["world_size"]
-        for path, header in zip(paths, headers):
-            for key in ("num_samples", "world_size"):
-                if header[key] != first[key]:
-                    raise ValueError(
-                        f"{path}: {key}={header[key]} but {first_path} has {key}={first[key]}; "
-                        "the shards come from different runs"
-                    )
-            if header["fields"] != first["fields"]:
-                raise ValueError(
-                    f"{path}: fields {header['fields']} differ from {first_path}'s {first['fields']}"
-                )
-        found = sorted(h["rank"] for h in headers)
-        if found != list(range(old_world)):
-            missing = sorted(set(range(old_world)) - set(found))
-            dupes = sorted({r for r in found if found.count(r) > 1})
-            raise ValueError(
-                f"DRO state shards were saved by {old_world} ranks; "
-                f"expected one file per rank 0..{old_world - 1}, "
-                f"missing ranks {missing}, duplicated ranks {dupes} (files: {[str(p) for p in paths]})"
-            )
-        if num_samples is not None and num_samples != first["num_samples"]:
-            raise ValueError(
-                f"{first_path}: DRO state was saved for num_samples={first['num_samples']}, "
-                f"this run has num_samples={num_samples}"
-            )
+        _check_shard_set(headers, [str(p) for p in paths], num_samples)
+        first = headers[0]
         new = cls(first["num_samples"], rank, world_size, device, extra_fields=first["initial_values_extra"])
         for path in paths:
-            payload = _read_shard(path)
-            new._absorb(payload)
+            new._absorb(_read_shard(path)["state"])
         return new
 
-    def _absorb(self, payload: dict) -> None:
+    @classmethod
+    def from_shard_states(
+        cls,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        rank: int,
+        world_size: int,
+        device: str | torch.device = "cpu",
+        num_samples: int | None = None,
+    ) -> DROState:
+        """Like `load_resharded`, from every old rank's `state_dict()` already in memory.
+
+        Every row of the new shard comes from an old shard, so the extra fields' initial values
+        (not part of a state dict) are not needed.
+        """
+        if not states:
+            raise ValueError("DROState.from_shard_states needs the state dicts of all old ranks, got none")
+        names = [f"DRO state dict #{i}" for i in range(len(states))]
+        headers = [_state_header(state, name) for state, name in zip(states, names)]
+        _check_shard_set(headers, names, num_samples)
+        extra = {name: 0.0 for name in headers[0]["fields"] if name not in U_FIELDS}
+        new = cls(headers[0]["num_samples"], rank, world_size, device, extra_fields=extra)
+        for state in states:
+            new._absorb(state)
+        return new
+
+    def _absorb(self, state: Mapping[str, torch.Tensor]) -> None:
         """Copy the rows of an old shard (any world size) that this shard owns."""
-        state = payload["state"]
         old_rank, old_world = int(state["rank"]), int(state["world_size"])
         ids = torch.arange(state["visited"].numel()) * old_world + old_rank
         owned = self.owned_mask(ids)
         local = (ids[owned] // self.world_size).to(self.device)
         for name in self.fields:
             self.table[local, self.column(name)] = state[name][owned].to(self.device, torch.float64)
-        self.visited[local] = state["visited"][owned].to(self.device)
+        self.visited[local] = state["visited"][owned].to(self.device, torch.bool)
 
     @classmethod
     def from_directory(
@@ -314,14 +315,51 @@ def _read_shard(path: str | os.PathLike) -> dict:
     return payload
 
 
+_METADATA = ("num_samples", "world_size", "rank")
+
+
+def _state_header(state: Mapping[str, torch.Tensor], source: str) -> dict:
+    missing = [key for key in (*_METADATA, *U_FIELDS, "visited") if key not in state]
+    if missing:
+        raise KeyError(f"{source}: not a DRO state dict, missing {missing}")
+    header = {key: int(state[key]) for key in _METADATA}
+    header["fields"] = tuple(k for k in state if k not in _METADATA and k != "visited")
+    return header
+
+
+def _check_shard_set(headers: list[dict], sources: list[str], num_samples: int | None) -> None:
+    """The shards must be exactly one per rank of one earlier run."""
+    first, first_source = headers[0], sources[0]
+    old_world = first["world_size"]
+    for source, header in zip(sources, headers):
+        for key in ("num_samples", "world_size"):
+            if header[key] != first[key]:
+                raise ValueError(
+                    f"{source}: {key}={header[key]} but {first_source} has {key}={first[key]}; "
+                    "the shards come from different runs"
+                )
+        if header["fields"] != first["fields"]:
+            raise ValueError(
+                f"{source}: fields {header['fields']} differ from {first_source}'s {first['fields']}"
+            )
+    found = sorted(h["rank"] for h in headers)
+    if found != list(range(old_world)):
+        missing = sorted(set(range(old_world)) - set(found))
+        dupes = sorted({r for r in found if found.count(r) > 1})
+        raise ValueError(
+            f"DRO state shards were saved by {old_world} ranks; "
+            f"expected one shard per rank 0..{old_world - 1}, "
+            f"missing ranks {missing}, duplicated ranks {dupes} (got: {sources})"
+        )
+    if num_samples is not None and num_samples != first["num_samples"]:
+        raise ValueError(
+            f"{first_source}: DRO state was saved for num_samples={first['num_samples']}, "
+            f"this run has num_samples={num_samples}"
+        )
+
+
 def _read_header(path: str | os.PathLike) -> dict:
     payload = _read_shard(path)
-    state = payload["state"]
-    extra = {k: v for k, v in payload["initial_values"].items() if k not in U_FIELDS}
-    return {
-        "num_samples": int(state["num_samples"]),
-        "world_size": int(state["world_size"]),
-        "rank": int(state["rank"]),
-        "fields": tuple(payload["fields"]),
-        "initial_values_extra": extra,
-    }
+    header = _state_header(payload["state"], str(path))
+    header["initial_values_extra"] = {k: v for k, v in payload["initial_values"].items() if k not in U_FIELDS}
+    return header

@@ -41,9 +41,9 @@ def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
     out = {}
     for k, v in recall_at_k(image_emb, text_emb, ks).items():
-        out[f"i2t_recall@{k}"] = v
+        out[f"i2t_recall_at_{k}"] = v
     for k, v in recall_at_k(text_emb, image_emb, ks).items():
-        out[f"t2i_recall@{k}"] = v
+        out[f"t2i_recall_at_{k}"] = v
     return out
 
 

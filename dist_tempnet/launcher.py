@@ -36,7 +36,7 @@ class RunSummary:
         if "eval/zero_shot_acc" in m:
             chance = m.get("eval/zero_shot_chance", float("nan"))
             out.append(f"zero-shot accuracy (held-out): {m['eval/zero_shot_acc']:.3f} (chance {chance:.3f})")
-        for k in ("eval/i2t_recall@1", "eval/t2i_recall@1", "eval/ppl", "eval/ppl_tempnet", "eval/token_acc"):
+        for k in ("eval/i2t_recall_at_1", "eval/t2i_recall_at_1", "eval/ppl", "eval/ppl_tempnet", "eval/token_acc"):
             if k in m:
                 out.append(f"{k.removeprefix('eval/')}: {m[k]:.4f}")
         if self.checkpoint:
@@ -65,7 +65,7 @@ def prepare_data(cfg: Config) -> None:
         make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
 
 
-def _absolutize(cfg: Config) -> None:
+def absolutize_paths(cfg: Config) -> None:
     # Ray workers run in their own working directories: every path they read must be absolute.
     cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.data.tokenizer:
@@ -80,6 +80,8 @@ def _quiet_ray() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
     os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Preemption watching is for spot clusters; locally it only logs an actor-restart error.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for name in ("ray", "ray.train", "ray.data"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -90,6 +92,9 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(cfg.ray.cpus_per_worker),
+        # Ray Train V2 re-routes print() through its logger, which then reaches the driver twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
     for key in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "MLFLOW_TRACKING_USERNAME",
                 "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_HUB_OFFLINE"):
@@ -114,7 +119,10 @@ def _init_ray(cfg: Config) -> bool:
         ray.init(
             num_cpus=max(need, os.cpu_count() or 1),
             num_gpus=torch.cuda.device_count(),
-            include_dashboard=False,
+            # The dashboard serves the State API that Ray Train's placement-group cleaner polls
+            # (without it, it warns every few seconds) and the Jobs API.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             logging_level=logging.WARNING,
             log_to_driver=True,
             configure_logging=True,
@@ -125,7 +133,7 @@ def _init_ray(cfg: Config) -> bool:
 
 
 def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dist_tempnet.train import train_worker
@@ -145,6 +153,7 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
+            logging_config=LoggingConfig(log_level="WARNING" if cfg.ray.quiet else "INFO"),
         ),
     )
     return trainer.fit()
@@ -153,7 +162,7 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
 def run_training(cfg: Config, use_ray: bool = True) -> RunSummary:
     """Run the whole job described by `cfg` and return what it achieved."""
     t0 = time.perf_counter()
-    _absolutize(cfg)
+    absolutize_paths(cfg)
     _quiet_ray()
     prepare_data(cfg)
     uri = run_id = ""

@@ -9,6 +9,7 @@ dies because of tracking.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -42,6 +43,14 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts alphanumerics and _ - . space : / in names; map anything else to '_'."""
+    return _METRIC_NAME.sub("_", name)
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -102,7 +111,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        self._pending.extend(Metric(metric_name(k), float(v), now, step) for k, v in metrics.items())
         self.flush()
 
     def flush(self) -> None:

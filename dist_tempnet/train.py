@@ -67,6 +67,9 @@ def init_distributed() -> torch.device:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+    # DeepSpeed insists on LOCAL_RANK even when the process group already exists (e.g. a test
+    # harness that initialized it): on one node the local rank is the global rank.
+    os.environ.setdefault("LOCAL_RANK", str(dist.get_rank()))
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
@@ -294,6 +297,20 @@ class Trainer:
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     """Entry point of every worker (Ray Train's train_loop_per_worker or a plain process)."""
     cfg = config_from_dict(loop_config["config"])
+    if loop_config.get("ray") and cfg.ray.quiet:
+        import logging
+
+        # Ray Train logs every report (with all metrics) at INFO from this module's logger.
+        for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    if loop_config.get("standalone"):
+        # Without Ray there is no driver to build the demo data: rank 0 does, the others wait.
+        init_distributed()
+        if comm.rank() == 0:
+            from dist_tempnet.launcher import prepare_data
+
+            prepare_data(cfg)
+        dist.barrier()
     sink = make_sink(cfg, loop_config)
     trainer = Trainer(cfg, loop_config, sink)
     final = trainer.fit()
@@ -313,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from dist_tempnet.launcher import absolutize_paths
+
+    absolutize_paths(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     loop_config: dict[str, Any] = {"config": cfg.to_dict(), "standalone": True}
     if cfg.mlflow.enabled and int(os.environ.get("RANK", "0")) == 0:

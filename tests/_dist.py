@@ -31,7 +31,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child(rank: int, fn: Callable, world_size: int, port: int, result_dir: str, args: tuple, timeout: float) -> None:
+def _child(
+    rank: int, fn: Callable, world_size: int, port: int, result_dir: str, args: tuple, timeout: float
+) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -43,6 +45,9 @@ def _child(rank: int, fn: Callable, world_size: int, port: int, result_dir: str,
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        # A rank that leaves early closes its gloo connections while others may still be connecting
+        # or in a last collective; on failure there is no barrier (the parent stops the others).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -73,7 +78,11 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
             # join() re-raises a failed child's exception (with its traceback) and stops the others.
             while not context.join(timeout=max(0.1, deadline - time.monotonic())):
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{getattr(fn, '__name__', fn)} on {world_size} processes timed out after {timeout}s")
+                    raise TimeoutError(
+                        f"{getattr(fn, '__name__', fn)} on {world_size} processes timed out after {timeout}s"
+                    )
         finally:
             _stop(context.processes)
-        return [torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        return [
+            torch.load(os.path.join(result_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)
+        ]

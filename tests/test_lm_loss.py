@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import dist_tempnet as dt
+from dist_tempnet.losses import lm
 from dist_tempnet.losses.lm import chunked_cross_entropy, naive_tempnet_lm_loss, tempnet_lm_loss
 from dist_tempnet.tempnet import LMTempNet
 
@@ -139,6 +140,17 @@ def test_frozen_lm_trains_tempnet_only():
     assert_same(fused, naive, fused_grads, naive_grads)
 
 
+def test_no_grad_evaluation_gives_the_same_values():
+    case = make_case(n=19)
+    with torch.no_grad():
+        naive = naive_tempnet_lm_loss(*case, RHO)
+        fused = tempnet_lm_loss(*case, RHO, chunk_size=4)
+        plain = chunked_cross_entropy(*case[:3], chunk_size=4)
+    assert fused.loss.grad_fn is None
+    torch.testing.assert_close(fused.loss, naive.loss, **TIGHT)
+    torch.testing.assert_close(plain, naive.ce, **TIGHT)
+
+
 def test_dropout_in_train_mode_matches_with_same_rng():
     hidden, weight, labels, tempnet = make_case(n=16, dropout=0.5)
     tempnet.train()
@@ -214,6 +226,34 @@ def test_bf16_inputs_with_tau_near_min_are_finite_and_accurate():
     torch.testing.assert_close(out.loss.double(), reference.loss, rtol=1e-4, atol=1e-5)
 
 
+def test_head_row_blocks_stay_exact(monkeypatch):
+    """Gram matrix, W1·W_U and (on GPUs) the head gradient walk W_U in row blocks: exact in fp64."""
+    monkeypatch.setattr(lm, "_HEAD_ROW_BLOCK", 16)  # V = 50: blocks of 16, 16, 16, 2
+    case = make_case(n=21)
+    naive, naive_grads = loss_and_grads(naive_tempnet_lm_loss, *case)
+    fused, fused_grads = loss_and_grads(tempnet_lm_loss, *case, chunk_size=8)
+    assert_same(fused, naive, fused_grads, naive_grads)
+
+
+def test_low_precision_operand_path(monkeypatch):
+    """Where torch.mm can write fp32 from bf16 operands (CUDA), bf16 operands are kept; emulate that
+    kernel on CPU to exercise the path, and compare with fp64 on the same bf16 values."""
+    hidden, weight, labels, _ = make_case(n=30, dtype=torch.bfloat16)
+    tempnet = LMTempNet(V, hidden_size=16, dropout=0.0).double().eval()
+    as_fp64 = [t.detach().double().requires_grad_() for t in (hidden, weight)]
+    reference, expected = loss_and_grads(naive_tempnet_lm_loss, *as_fp64, labels, tempnet)
+    tempnet.float()
+    monkeypatch.setattr(lm, "_HEAD_ROW_BLOCK", 16)
+    monkeypatch.setattr(lm, "_device_has_out_dtype_mm", lambda device: True)
+    monkeypatch.setattr(lm, "_mm", lambda a, b, acc: a.to(acc) @ b.to(acc))
+    out, got = loss_and_grads(tempnet_lm_loss, hidden, weight, labels, tempnet, chunk_size=8)
+    torch.testing.assert_close(out.loss.double(), reference.loss, rtol=1e-4, atol=1e-5)
+    assert got["hidden"].dtype == got["weight"].dtype == torch.bfloat16
+    for name, want in expected.items():
+        scale = want.abs().max().item()  # bf16 gradients: error relative to the largest entry
+        torch.testing.assert_close(got[name].double(), want, rtol=2e-2, atol=5e-3 * scale, msg=name)
+
+
 @pytest.mark.parametrize("chunk_size", [3, 64])
 def test_chunked_cross_entropy_matches_torch(chunk_size):
     hidden, weight, labels, _ = make_case(shape=(2, 9))
@@ -239,6 +279,13 @@ def test_backward_scales_with_upstream_gradient():
 def _scaled(out, factor):
     out.loss = out.loss * factor
     return out
+
+
+def test_second_backward_is_refused():
+    out = tempnet_lm_loss(*make_case(n=6), RHO)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        out.loss.backward()
 
 
 def test_mismatched_vocab_is_a_clear_error():

@@ -17,9 +17,8 @@ Layout written by :func:`make_demo_clip_dataset`::
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +85,8 @@ PROMPT_TEMPLATES = (  # held out: zero-shot classification prompts, filled with 
 
 TOKENIZER_NAME = "tokenizer.json"
 NOISE_STD = 0.04
-DRAW_CHUNK = 256  # images drawn per vectorized call (bounds memory at large image sizes)
+SCENE_CHUNK = 256  # scenes sampled per seeded generator
+DRAW_PIXELS = 1 << 22  # pixels rendered per vectorized call
 _A_BEFORE_VOWEL = re.compile(r"\b([aA]) ([aeiou])")
 _SPLIT_STREAMS = {"train": 1, "eval": 2}  # independent random streams per split
 
@@ -107,6 +107,12 @@ class SceneBatch:
     @property
     def label(self) -> np.ndarray:
         return self.shape * len(COLOR_NAMES) + self.color
+
+    def __len__(self) -> int:
+        return len(self.shape)
+
+    def slice(self, start: int, stop: int) -> SceneBatch:
+        return SceneBatch(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def sample_scenes(rng: np.random.Generator, n: int) -> SceneBatch:
@@ -165,7 +171,7 @@ def draw_scenes(scenes: SceneBatch, image_size: int, rng: np.random.Generator) -
     fg = scenes.fg[:, None, None, :].astype(np.float32)
     bg = scenes.bg[:, None, None, :].astype(np.float32)
     image = np.where(masks, fg, bg)
-    image += rng.normal(0.0, NOISE_STD, image.shape).astype(np.float32)
+    image += NOISE_STD * rng.standard_normal(image.shape, dtype=np.float32)
     return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -200,16 +206,20 @@ def generate_split(
     """Yield (uint8 [H, W, 3] image, caption, class label) for one split, deterministically."""
     templates = TRAIN_TEMPLATES if split == "train" else EVAL_TEMPLATES
     stream = _SPLIT_STREAMS[split]
-    for chunk, start in enumerate(range(0, num_samples, DRAW_CHUNK)):
-        # One generator per chunk: the bytes of sample i do not depend on how the caller consumes it.
-        rng = np.random.default_rng([seed, stream, chunk])
-        count = min(DRAW_CHUNK, num_samples - start)
-        scenes = sample_scenes(rng, count)
-        captions = write_captions(scenes, templates, rng)
-        images = draw_scenes(scenes, image_size, rng)
+    # Draw in sub-batches of ~DRAW_PIXELS pixels: bounded memory at 224x224 and above.
+    draw_batch = max(1, DRAW_PIXELS // (image_size * image_size))
+    for chunk, start in enumerate(range(0, num_samples, SCENE_CHUNK)):
+        # Generators per fixed-size chunk: scenes and captions do not depend on the image size, and
+        # sample i does not depend on how the caller consumes the stream.
+        scene_rng = np.random.default_rng([seed, stream, chunk, 0])
+        noise_rng = np.random.default_rng([seed, stream, chunk, 1])
+        scenes = sample_scenes(scene_rng, min(SCENE_CHUNK, num_samples - start))
+        captions = write_captions(scenes, templates, scene_rng)
         labels = scenes.label
-        for i in range(count):
-            yield images[i], captions[i], int(labels[i])
+        for low in range(0, len(scenes), draw_batch):
+            images = draw_scenes(scenes.slice(low, low + draw_batch), image_size, noise_rng)
+            for i, image in enumerate(images, low):
+                yield image, captions[i], int(labels[i])
 
 
 def caption_vocabulary_texts() -> list[str]:
@@ -272,11 +282,3 @@ def make_demo_clip_dataset(
         )
     return out_dir
 
-
-if __name__ == "__main__":  # quick timing: python -m dist_tempnet.data.demo_clip OUT_DIR [IMAGE_SIZE]
-    import sys
-
-    started = time.perf_counter()
-    make_demo_clip_dataset(sys.argv[1], image_size=int(sys.argv[2]) if len(sys.argv) > 2 else 32,
-                           overwrite=True)
-    print(f"built in {time.perf_counter() - started:.2f} s")

@@ -121,7 +121,7 @@ def write_manifest(split_dir: Path, manifest: dict[str, Any]) -> Path:
 def read_manifest(dir_or_json: str | Path) -> Manifest:
     """Read and validate a split's manifest (the ``dataset.json`` file or the directory holding it)."""
     path = Path(dir_or_json)
-    if path.is_dir():
+    if path.is_dir() or path.suffix != ".json":
         path = path / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no dataset manifest at {path} (is the split complete? it is written last)")
@@ -133,23 +133,28 @@ def read_manifest(dir_or_json: str | Path) -> Manifest:
     return _to_manifest(raw, path.resolve())
 
 
-def resolve_manifest(manifest_or_dir: str | Path | Manifest, split: str | None = None) -> Manifest:
+def resolve_manifest(
+    manifest_or_dir: str | Path | Manifest, split: str | None = None, default_split: str | None = None
+) -> Manifest:
     """Find a split's manifest from a Manifest, a dataset.json path, a split dir or a dataset root.
 
-    A dataset root holds one sub-directory per split (``root/train/dataset.json``).
+    A dataset root holds one sub-directory per split (``root/train/dataset.json``); there ``split``
+    (or else ``default_split``) picks the sub-directory. An explicit ``split`` must match the
+    manifest found; with ``split=None`` a Manifest, file or split directory is taken as it is.
     """
     if isinstance(manifest_or_dir, Manifest):
         manifest = manifest_or_dir
     else:
         path = Path(manifest_or_dir)
-        if split is not None and (path / split / MANIFEST_NAME).is_file():
-            path = path / split
+        wanted = split or default_split
+        if wanted is not None and (path / wanted / MANIFEST_NAME).is_file():
+            path = path / wanted
         elif path.is_dir() and not (path / MANIFEST_NAME).is_file():
-            wanted = path / (split or "<split>") / MANIFEST_NAME
-            raise FileNotFoundError(f"no dataset manifest at {wanted} or {path / MANIFEST_NAME}")
+            looked = path / (wanted or "<split>") / MANIFEST_NAME
+            raise FileNotFoundError(f"no dataset manifest at {looked} or {path / MANIFEST_NAME}")
         manifest = read_manifest(path)
     if split is not None and manifest.split != split:
-        raise ValueError(f"{manifest.path}: holds split {manifest.split!r}, but split {split!r} was asked for")
+        raise ValueError(f"{manifest.path}: holds split {manifest.split!r}, but split {split!r} was asked")
     return manifest
 
 
@@ -236,7 +241,7 @@ def _validate_shards(shards: list[Any], id_range: list[int], num_samples: int, p
         prefix = f"shards[{i}]."
         if not isinstance(shard, dict):
             raise _fail(path, f"shards[{i}]", "an object", shard)
-        _require(shard, "path", lambda x: isinstance(x, str) and x != "", "a non-empty path string", path, prefix)
+        _require(shard, "path", lambda x: isinstance(x, str) and x != "", "a non-empty path", path, prefix)
         count = _require(shard, "num_samples", lambda x: _is_int(x, 1), "an int >= 1", path, prefix)
         start, stop = _require(shard, "id_range", _is_range, "[start, stop]", path, prefix)
         if start != next_id or stop - start != count:

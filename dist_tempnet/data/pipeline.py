@@ -163,7 +163,8 @@ class EpochStream(IterableDataset):
     def epoch_samples(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
         spec = self.spec
         shards = self.shards_for(epoch, worker, num_workers)
-        raw = ((shard, sample) for shard in shards for sample in iter_raw_samples(shard, spec.manifest.kind, skips))
+        kind = spec.manifest.kind
+        raw = ((shard, sample) for shard in shards for sample in iter_raw_samples(shard, kind, skips))
         if spec.shuffle and spec.shuffle_buffer > 1:
             # Shuffle encoded samples (small), decode after: the buffer never holds decoded images.
             rng = random.Random(f"dist_tempnet/samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
@@ -248,9 +249,11 @@ class BatchStream:
     def close(self) -> None:
         """Stop DataLoader workers (if any); the stream cannot be used afterwards."""
         source, self._source = self._source, None
-        shutdown = getattr(source, "_shutdown_workers", None)
+        shutdown = getattr(source, "_shutdown_workers", None)  # DataLoader iterator
         if shutdown is not None:
             shutdown()
+        elif source is not None:
+            source.close()  # in-process generator: closes the shard file it has open
 
     def __enter__(self) -> BatchStream:
         return self
@@ -259,7 +262,8 @@ class BatchStream:
         self.close()
 
 
-def _check_stream_args(manifest: Manifest, batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
+def _check_stream_args(manifest: Manifest, batch_size: int, rank: int, world_size: int,
+                       num_workers: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -296,7 +300,7 @@ def _resolve_image_size(image_size: int | None, manifest: Manifest) -> int:
 
 
 def _manifest_of_kind(manifest_or_dir: ManifestLike, split: str | None, kind: str) -> Manifest:
-    manifest = resolve_manifest(manifest_or_dir, split)
+    manifest = resolve_manifest(manifest_or_dir, split, default_split="train")
     if manifest.kind != kind:
         raise ValueError(f"{manifest.path}: holds {manifest.kind!r} samples, this reader needs {kind!r}")
     return manifest
@@ -304,7 +308,7 @@ def _manifest_of_kind(manifest_or_dir: ManifestLike, split: str | None, kind: st
 
 def clip_batches(
     manifest_or_dir: ManifestLike,
-    split: str | None = "train",
+    split: str | None = None,
     batch_size: int = 32,
     rank: int = 0,
     world_size: int = 1,
@@ -319,6 +323,9 @@ def clip_batches(
     shuffle: bool = True,
 ) -> BatchStream:
     """Endless image-text training batches for one rank.
+
+    ``manifest_or_dir``: a Manifest, a dataset.json, a split directory, or a dataset root (then
+    ``split``, default "train", picks the sub-directory; an explicit ``split`` must match).
 
     Each batch: ``pixel_values`` float32 [B, 3, H, W] (CLIP mean/std), ``input_ids`` int64 [B, L],
     ``attention_mask`` int64 [B, L] (L = max_text_len), ``sample_ids`` int64 [B], ``labels`` int64 [B]
@@ -340,7 +347,7 @@ def clip_batches(
 
 def token_batches(
     manifest_or_dir: ManifestLike,
-    split: str | None = "train",
+    split: str | None = None,
     batch_size: int = 8,
     rank: int = 0,
     world_size: int = 1,
@@ -427,7 +434,7 @@ class EvalBatches:
 
 def eval_batches(
     manifest_or_dir: ManifestLike,
-    split: str | None = "eval",
+    split: str | None = None,
     batch_size: int = 64,
     rank: int = 0,
     world_size: int = 1,
@@ -438,12 +445,15 @@ def eval_batches(
 ) -> EvalBatches:
     """One ordered pass over a split (image-text or tokens; same batch keys as the training streams).
 
+    ``split`` defaults to "eval" when ``manifest_or_dir`` is a dataset root.
+
     With ``world_size > 1`` each rank reads a disjoint contiguous id range; together they cover every
     sample exactly once.
     """
-    manifest = resolve_manifest(manifest_or_dir, split)
+    manifest = resolve_manifest(manifest_or_dir, split, default_split="eval")
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
+        raise ValueError("need batch_size >= 1 and 0 <= rank < world_size, got "
+                         f"batch_size={batch_size} rank={rank} world_size={world_size}")
     check_shards_on_disk(manifest, allow_corrupt)
     if manifest.kind == "image_text":
         decode: Callable[..., Any] = ImageTextDecoder(_resolve_image_size(image_size, manifest))

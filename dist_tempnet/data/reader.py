@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dist_tempnet.data.manifest import IMAGE_FIELDS, Manifest, ShardInfo
 
@@ -87,25 +87,28 @@ def iter_raw_samples(shard: ShardInfo, kind: str, skips: SkipLog) -> Iterator[di
     A tar-level error ends the shard (the rest of it is skipped as one corrupt event); a shard that
     parses cleanly but holds fewer or more samples than its manifest entry is corrupt too.
     """
-    stream = wds.tarfile_samples([{"url": shard.url}])
+    try:
+        handle = open(shard.path, "rb")  # opened here (not by webdataset) so it is always closed
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"shard {shard.url} vanished before reading ({_describe(exc)})") from exc
     seen = 0
     problems_before = skips.count
-    while True:
-        try:
-            raw = next(stream)
-        except StopIteration:
-            break
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"shard {shard.url} disappeared while reading ({_describe(exc)})") from exc
-        except Exception as exc:  # tarfile.ReadError, EOFError, ValueError (duplicate names), ...
-            skips.corrupt(f"{shard.url}: unreadable tar data after {seen} samples ({_describe(exc)})")
-            return
-        seen += 1
-        problem = _sample_problem(raw, shard, kind)
-        if problem is not None:
-            skips.corrupt(f"{shard.url}: sample {raw.get('__key__')!r}: {problem}")
-            continue
-        yield raw
+    with handle:
+        stream = group_by_keys(tar_file_expander([{"url": shard.url, "stream": handle}]))
+        while True:
+            try:
+                raw = next(stream)
+            except StopIteration:
+                break
+            except Exception as exc:  # tarfile.ReadError, EOFError, ValueError (duplicate names), ...
+                skips.corrupt(f"{shard.url}: unreadable tar data after {seen} samples ({_describe(exc)})")
+                return
+            seen += 1
+            problem = _sample_problem(raw, shard, kind)
+            if problem is not None:
+                skips.corrupt(f"{shard.url}: sample {raw.get('__key__')!r}: {problem}")
+                continue
+            yield raw
     if skips.count == problems_before and seen != shard.num_samples:
         skips.corrupt(f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
                       "(truncated or replaced shard?)")

@@ -172,7 +172,8 @@ class ShardSetWriter:
 def encode_png(pixels: np.ndarray) -> bytes:
     """uint8 [H, W, 3] (or [H, W]) -> PNG bytes (lossless, deterministic for a given Pillow)."""
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG")
+    # Level 1: photographic/noisy images barely compress further (~4% at level 6) but encode 2.4x faster.
+    Image.fromarray(np.ascontiguousarray(pixels)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
 
 
@@ -197,7 +198,8 @@ def encode_image(image: Any) -> tuple[str, bytes, tuple[int, int]]:
         image = np.asarray(image.convert("RGB"))
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise TypeError(
-            f"image must be a PIL image, encoded bytes or a uint8 [H, W(, 3)] array, got {type(image).__name__}"
+            "image must be a PIL image, encoded bytes or a uint8 [H, W(, 3)] array, got "
+            f"{type(image).__name__}"
             + (f" {image.dtype} {image.shape}" if isinstance(image, np.ndarray) else "")
         )
     return "png", encode_png(image), (image.shape[0], image.shape[1])

@@ -55,7 +55,9 @@ def build_word_level_tokenizer(texts: Iterable[str]) -> Tokenizer:
     tokenizer.pre_tokenizer = pre_tokenizer
     bos, eos = vocab["[BOS]"], vocab["[EOS]"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[BOS] $A [EOS]", pair="[BOS] $A [EOS] $B:1 [EOS]:1", special_tokens=[("[BOS]", bos), ("[EOS]", eos)]
+        single="[BOS] $A [EOS]",
+        pair="[BOS] $A [EOS] $B:1 [EOS]:1",
+        special_tokens=[("[BOS]", bos), ("[EOS]", eos)],
     )
     return tokenizer
 

@@ -19,18 +19,21 @@ Losses:
 The three DRO variants share one implementation (`_DROContrastiveLoss`); they differ only in where
 τ comes from.
 
-How the DRO loss is distributed. With S = E·Tᵀ (n×n) and weights W held fixed, the gradient of the
-model part of F is G = ∂F/∂S: ∂F/∂e_i = Σ_j G_ij t_j and ∂F/∂t_j = Σ_i G_ij e_i. Rank r therefore
-needs only its rows S[local, :] (for its images) and its columns S[:, local] (for its texts). It
-all-gathers the features without gradient, computes G on those rows and columns (which needs τ and
-u of every sample in the global batch: exchanged as per-sample scalars), and backpropagates
+How the DRO loss is distributed. With S = E·Tᵀ (n×n) and the weights w held fixed, the model part
+of F has n·∂F/∂S = G with G_ij = w^I_ij + w^T_ij (i ≠ j) and G_ii = −(Σ_j w^I_ij + Σ_k w^T_ki), so
+n·∂F/∂e_i = Σ_j G_ij t_j and n·∂F/∂t_j = Σ_i G_ij e_i. Rank r therefore needs only its rows
+S[local, :] (for its images) and its columns S[:, local] (for its texts). It all-gathers the
+features without gradient, computes G on those rows and columns (which needs τ and u of every
+sample in the global batch: exchanged as per-sample scalars), forms G[local,:]·T_all and
+G[:,local]ᵀ·E_all without autograd, and backpropagates the surrogate
 
-    K · ( Σ G[local,:] ⊙ (e_local · T_allᵀ) + Σ G[:,local] ⊙ (E_all · t_localᵀ) )
+    (K/n) · ( Σ_a e_a·sg(G[a,:]·T_all) + Σ_a t_a·sg(G[:,a]ᵀ·E_all) + Σ_a sg(∂F/∂τ_a)·τ_a )
 
-whose gradient w.r.t. the local features is K·∂F/∂(local features). Averaging over the K ranks then
-gives exactly ∇F; no gradient of features is ever exchanged. Per step, each rank sends its B ids,
-its B×2d features (in their own dtype), n rows of per-sample scalars (an all-reduce that
-assembles the batch's u from the ranks that own the ids) and B rows of updated u.
+whose gradient w.r.t. the local features (and the TempNets) is K·∂F/∂(local features). Averaging
+over the K ranks then gives exactly ∇F. No gradient of features is ever exchanged, and backward
+through the loss itself costs O(B·d). Per step each rank sends its B ids, its B×2d features (in
+their own dtype), n rows of per-sample scalars (one all-reduce that assembles the batch's stored u
+from the ranks owning the ids, plus every sample's τ) and B rows of updated u.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _summary(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
-    values = values.detach().float()
+    values = values.detach().to(torch.float64)
     return {f"{name}_mean": values.mean(), f"{name}_min": values.min(), f"{name}_max": values.max()}
 
 
@@ -109,20 +112,6 @@ def _to_floats(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
     if tensors:
         out |= dict(zip(tensors, torch.stack(list(tensors.values())).tolist()))
     return {k: out[k] for k in stats}
-
-
-def _masked_log_mean_exp(logits: torch.Tensor, dim: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(g_hat, shift) with g = 1/(n−1)·Σ exp(logits) = g_hat·exp(shift); masked entries are −inf.
-
-    shift is the max over the anchor's logits, so g_hat ∈ [1/(n−1), 1] never over- or underflows.
-    """
-    shift = logits.amax(dim=dim)
-    g_hat = torch.exp(logits - shift.unsqueeze(dim)).sum(dim=dim) / (n - 1)
-    return g_hat, shift
-
-
-def _f64(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return pair[0].to(torch.float64), pair[1].to(torch.float64)
 
 
 def _moving_average(
@@ -379,18 +368,13 @@ class _DROContrastiveLoss(nn.Module):
         local: torch.Tensor,
     ) -> ContrastiveOutput:
         n, world = glob.ids.numel(), comm.world_size()
-        rows = image @ glob.text.t()  # S[local, :], gradient flows to the local images only
-        cols = glob.image @ text.t()  # S[:, local], gradient flows to the local texts only
         with torch.no_grad():
-            step = self._statistics(
-                rows.detach(), cols.detach(), tau_image.detach(), tau_text.detach(), glob, local
-            )
+            step = self._statistics(image, text, tau_image.detach(), tau_text.detach(), glob, local)
         # K·(1/n) = 1/B: rank-averaged gradients are then exactly ∇F (see module docstring).
         per_rank = world / n
-        surrogate = per_rank * ((step.grad_rows * rows).sum() + (step.grad_cols * cols).sum())
-        surrogate = (
-            surrogate + per_rank * (step.grad_tau_image * tau_image + step.grad_tau_text * tau_text).sum()
-        )
+        model_part = (image * step.grad_image).sum() + (text * step.grad_text).sum()
+        temp_part = (step.grad_tau_image * tau_image).sum() + (step.grad_tau_text * tau_text).sum()
+        surrogate = per_rank * (model_part + temp_part)
         objective = per_rank * step.objective_terms.sum()
         # The value reported is this rank's share of F (rank average = F); the gradient is the surrogate's.
         loss = surrogate + (objective - surrogate).detach()
@@ -400,66 +384,63 @@ class _DROContrastiveLoss(nn.Module):
 
     def _statistics(
         self,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
+        image: torch.Tensor,
+        text: torch.Tensor,
         tau_image: torch.Tensor,
         tau_text: torch.Tensor,
         glob: _Exchanged,
         local: torch.Tensor,
     ) -> _StepStatistics:
-        """g, the u update (with its collective), the weights G = ∂F/∂S on our rows/columns, ∂F/∂τ."""
+        """g, the u update (with its collective), ∂F/∂τ, and ∂F/∂(local features) via G = ∂F/∂S.
+
+        Both directions are laid out the same way, one local anchor per row: image_sims[a, j] = S_aj
+        (our rows of S) and text_sims[a, i] = S_ia (our columns of S, transposed).
+        """
         n = glob.ids.numel()
-        self_in_rows = torch.zeros_like(rows, dtype=torch.bool)
-        self_in_rows[torch.arange(local.numel(), device=local.device), local] = True
-        self_in_cols = self_in_rows.t()
+        mine = torch.arange(local.numel(), device=local.device)
         pos = glob.positives
-        # Our anchors: images of our rows (d^I_ij/τ^I_i) and texts of our columns (d^T_ij/τ^T_j).
-        logit_image = ((rows - pos[local, None]) / tau_image[:, None]).masked_fill(self_in_rows, -math.inf)
-        logit_text = ((cols - pos[None, local]) / tau_text[None, :]).masked_fill(self_in_cols, -math.inf)
-        g_image = _masked_log_mean_exp(logit_image, dim=1, n=n)
-        g_text = _masked_log_mean_exp(logit_text, dim=0, n=n)
+        image_sims = image.detach() @ glob.text.t()
+        text_sims = text.detach() @ glob.image.t()
+        own_image = _own_anchors(image_sims, pos[local], tau_image, mine, local, n)
+        own_text = _own_anchors(text_sims, pos[local], tau_text, mine, local, n)
         # The running average is kept in float64 whatever the compute dtype: it lives for the whole run.
         stored = glob.state_rows[local]
         visited = stored[:, -1] > 0.5
-        u_image = _moving_average(stored[:, 0], stored[:, 1], visited, *_f64(g_image), self.gamma)
-        u_text = _moving_average(stored[:, 2], stored[:, 3], visited, *_f64(g_text), self.gamma)
-        u_hat_image, shift_image = (x.to(rows.dtype) for x in u_image)
-        u_hat_text, shift_text = (x.to(rows.dtype) for x in u_text)
-        w_image = torch.exp(logit_image - shift_image[:, None]) / ((n - 1) * u_hat_image[:, None])
-        w_text = torch.exp(logit_text - shift_text[None, :]) / ((n - 1) * u_hat_text[None, :])
-        log_u_image = shift_image + torch.log(u_hat_image)
-        log_u_text = shift_text + torch.log(u_hat_text)
-        # ∂F/∂τ = log u + ρ − Σ_j w_ij d_ij/τ_i; the masked self term has w = 0.
-        finite = torch.nan_to_num
-        grad_tau_image = log_u_image + self.rho - (w_image * finite(logit_image, neginf=0.0)).sum(dim=1)
-        grad_tau_text = log_u_text + self.rho - (w_text * finite(logit_text, neginf=0.0)).sum(dim=0)
+        u_image = _moving_average(stored[:, 0], stored[:, 1], visited, *own_image.g64(), self.gamma)
+        u_text = _moving_average(stored[:, 2], stored[:, 3], visited, *own_text.g64(), self.gamma)
+        w_image, log_u_image = own_image.weights(*u_image, n)
+        w_text, log_u_text = own_text.weights(*u_text, n)
+        # ∂F/∂τ = log u + ρ − Σ_j w_ij d_ij/τ_i (the self logit is 0 and its weight 0).
+        grad_tau_image = log_u_image + self.rho - (w_image * own_image.logits).sum(dim=1)
+        grad_tau_text = log_u_text + self.rho - (w_text * own_text.logits).sum(dim=1)
         extra = self._extra_field_updates(tau_image, tau_text, grad_tau_image, grad_tau_text)
-        all_u = self._share_updated_state(glob.ids, u_image, u_text, extra).to(rows.dtype)
-        # The other ranks' anchors: text anchors j in our rows, image anchors i in our columns.
-        w_text_rows = torch.exp((rows - pos[None, :]) / glob.tau_text[None, :] - all_u[None, :, 3]) / (
-            (n - 1) * all_u[None, :, 2]
-        )
-        w_image_cols = torch.exp((cols - pos[:, None]) / glob.tau_image[:, None] - all_u[:, None, 1]) / (
-            (n - 1) * all_u[:, None, 0]
-        )
-        # G_ij = (w^I_ij + w^T_ij) for i ≠ j; G_ii = −(Σ_j w^I_ij + Σ_k w^T_ki) (S_ii sits in every d).
-        self_weight = -(w_image.sum(dim=1) + w_text.sum(dim=0))
-        mine = torch.arange(local.numel(), device=local.device)
-        grad_rows = w_image + w_text_rows.masked_fill(self_in_rows, 0.0)
+        all_u = self._share_updated_state(glob.ids, u_image, u_text, extra).to(image_sims.dtype)
+        # G_ij = w^I_ij + w^T_ij for i ≠ j; G_ii = −(Σ_j w^I_ij + Σ_k w^T_ki), as S_ii sits in every d.
+        self_weight = -(w_image.sum(dim=1) + w_text.sum(dim=1))
+        grad_rows = _other_anchor_weights(image_sims, pos, glob.tau_text, all_u[:, 2], all_u[:, 3], n)
+        grad_rows.add_(w_image)
         grad_rows[mine, local] = self_weight
-        grad_cols = w_text + w_image_cols.masked_fill(self_in_cols, 0.0)
-        grad_cols[local, mine] = self_weight
-        log_g_image = g_image[1] + torch.log(g_image[0])
-        log_g_text = g_text[1] + torch.log(g_text[0])
-        objective_terms = tau_image * (log_g_image + self.rho) + tau_text * (log_g_text + self.rho)
+        grad_cols = _other_anchor_weights(text_sims, pos, glob.tau_image, all_u[:, 0], all_u[:, 1], n)
+        grad_cols.add_(w_text)
+        grad_cols[mine, local] = self_weight
+        objective_terms = tau_image * (own_image.log_g() + self.rho) + tau_text * (
+            own_text.log_g() + self.rho
+        )
         stats = (
             _summary("log_u_image", log_u_image)
             | _summary("log_u_text", log_u_text)
             | _summary("grad_tau_image", grad_tau_image)
             | _summary("grad_tau_text", grad_tau_text)
-            | {"first_visit_fraction": (~visited).float().mean()}
+            | {"first_visit_fraction": (~visited).to(torch.float64).mean()}
         )
-        return _StepStatistics(grad_rows, grad_cols, grad_tau_image, grad_tau_text, objective_terms, stats)
+        return _StepStatistics(
+            grad_image=grad_rows @ glob.text,
+            grad_text=grad_cols @ glob.image,
+            grad_tau_image=grad_tau_image,
+            grad_tau_text=grad_tau_text,
+            objective_terms=objective_terms,
+            stats=stats,
+        )
 
     def _share_updated_state(
         self,
@@ -477,9 +458,71 @@ class _DROContrastiveLoss(nn.Module):
 
 
 @dataclass
+class _OwnAnchors:
+    """exp(d/τ) of this rank's anchors (one per row), shifted by the row max, and g = mean of it."""
+
+    shifted_exp: torch.Tensor  # [B, n] exp(d_aj/τ_a − g_shift_a), 0 on the self entry
+    logits: torch.Tensor  # [B, n] d_aj/τ_a, 0 on the self entry
+    g_hat: torch.Tensor  # [B]   g = g_hat·exp(g_shift)
+    g_shift: torch.Tensor  # [B]
+
+    def g64(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.g_hat.to(torch.float64), self.g_shift.to(torch.float64)
+
+    def log_g(self) -> torch.Tensor:
+        return self.g_shift + torch.log(self.g_hat)
+
+    def weights(
+        self, u_hat: torch.Tensor, u_shift: torch.Tensor, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """w_aj = exp(d_aj/τ_a)/((n−1)·u_a) (in place of shifted_exp) and log u_a."""
+        dtype = self.g_hat.dtype
+        scale = (torch.exp(self.g_shift.to(torch.float64) - u_shift) / ((n - 1) * u_hat)).to(dtype)
+        return self.shifted_exp.mul_(scale[:, None]), (u_shift + torch.log(u_hat)).to(dtype)
+
+
+def _own_anchors(
+    sims: torch.Tensor,
+    positives: torch.Tensor,
+    tau: torch.Tensor,
+    mine: torch.Tensor,
+    local: torch.Tensor,
+    n: int,
+) -> _OwnAnchors:
+    inv_tau = 1.0 / tau
+    logits = torch.addcmul((-positives * inv_tau)[:, None], sims, inv_tau[:, None])  # (S − S_aa)/τ_a
+    logits[mine, local] = -math.inf
+    g_shift = logits.amax(dim=1)
+    shifted_exp = (logits - g_shift[:, None]).exp_()
+    logits[mine, local] = 0.0
+    return _OwnAnchors(shifted_exp, logits, shifted_exp.sum(dim=1) / (n - 1), g_shift)
+
+
+def _other_anchor_weights(
+    sims: torch.Tensor,
+    positives: torch.Tensor,
+    tau: torch.Tensor,
+    u_hat: torch.Tensor,
+    u_shift: torch.Tensor,
+    n: int,
+) -> torch.Tensor:
+    """[B, n] weights w_ja = exp((S − S_jj)/τ_j − shift_j)/((n−1)·u_hat_j) of every anchor j, for our rows.
+
+    The self entries are left for the caller to overwrite (they may even be inf).
+    """
+    inv_tau = 1.0 / tau
+    offset = positives * inv_tau + u_shift
+    return (
+        torch.addcmul(-offset[None, :], sims, inv_tau[None, :])
+        .exp_()
+        .mul_((1.0 / ((n - 1) * u_hat))[None, :])
+    )
+
+
+@dataclass
 class _StepStatistics:
-    grad_rows: torch.Tensor  # [B, n] ∂F/∂S[local, :] (times n)
-    grad_cols: torch.Tensor  # [n, B] ∂F/∂S[:, local] (times n)
+    grad_image: torch.Tensor  # [B, d] n·∂F/∂(local image features), with weights held fixed
+    grad_text: torch.Tensor  # [B, d]
     grad_tau_image: torch.Tensor  # [B] ∂F_i/∂τ^I_i
     grad_tau_text: torch.Tensor  # [B]
     objective_terms: torch.Tensor  # [B] τ^I(log g^I + ρ) + τ^T(log g^T + ρ)

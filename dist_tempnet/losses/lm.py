@@ -315,7 +315,15 @@ def _probs_to_grad_(probs: Tensor, targets: Tensor, row_scale: Tensor) -> Tensor
 
 
 def _saved_grads_times(ctx, grad_out: Tensor) -> list[Tensor | None]:
-    return [None if g is None else g * grad_out.to(g.dtype) for g in ctx.grads]
+    """The gradients computed in forward, scaled in place by the upstream gradient.
+
+    In place because a copy would cost another V×d + N×d; the price is that the graph can be
+    backpropagated only once (retain_graph=True and a second backward is refused).
+    """
+    if ctx.grads is None:
+        raise RuntimeError("the fused LM loss computes its gradients once; it cannot be backpropagated twice")
+    grads, ctx.grads = ctx.grads, None
+    return [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
 
 
 class _FusedTempNetLM(torch.autograd.Function):
@@ -327,8 +335,9 @@ class _FusedTempNetLM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, tau, labels, divisor, rho, chunk_size, ignore_index):
-        head = _HeadPass(hidden, weight, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    def forward(ctx, hidden, weight, tau, labels, divisor, rho, chunk_size, ignore_index, grad_enabled):
+        need_dh, need_dw, need_dtau = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
+        head = _HeadPass(hidden, weight, chunk_size, need_dh, need_dw)
         acc = head.acc
         valid_all = labels != ignore_index
         targets_all = torch.where(valid_all, labels, 0)
@@ -350,31 +359,33 @@ class _FusedTempNetLM(torch.autograd.Function):
             torch.exp(u, out=probs)
             partition = probs.sum(1)
             log_z = partition.log()
-            entropy = log_z - _row_dot(probs, u) / partition
-            probs.div_(partition.unsqueeze(1))
-            head.backprop(rows, _probs_to_grad_(probs, targets, row_scale))
-
             token_loss = tau_c * log_z - shifted_target + (rho - log_v) * tau_c
             loss_sum += torch.where(valid, token_loss, 0).sum()
             ce_sum += torch.where(valid, log_z1 - shifted_target, 0).sum()
-            grad_tau[rows] = (entropy + rho - log_v) * row_scale
+            if need_dtau:
+                entropy = log_z - _row_dot(probs, u) / partition
+                grad_tau[rows] = (entropy + rho - log_v) * row_scale
+            if need_dh or need_dw:
+                probs.div_(partition.unsqueeze(1))
+                head.backprop(rows, _probs_to_grad_(probs, targets, row_scale))
 
         dh, dw = head.grads()
-        ctx.grads = (dh, dw, grad_tau.to(tau.dtype))
+        ctx.grads = (dh, dw, grad_tau.to(tau.dtype) if need_dtau else None)
         ctx.mark_non_differentiable(ce_sum)
         return loss_sum / divisor, ce_sum
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None)
+        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None, None)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Plain cross-entropy on the head's logits, chunked with the same eager-gradient pass."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, divisor, chunk_size, ignore_index):
-        head = _HeadPass(hidden, weight, chunk_size, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+    def forward(ctx, hidden, weight, labels, divisor, chunk_size, ignore_index, grad_enabled):
+        need_dh, need_dw = (grad_enabled and needed for needed in ctx.needs_input_grad[:2])
+        head = _HeadPass(hidden, weight, chunk_size, need_dh, need_dw)
         valid_all = labels != ignore_index
         targets_all = torch.where(valid_all, labels, 0)
         loss_sum = hidden.new_zeros((), dtype=head.acc)
@@ -385,14 +396,15 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             probs = logits.exp_()
             partition = probs.sum(1)
             loss_sum += torch.where(valid, partition.log() - shifted_target, 0).sum()
-            probs.div_(partition.unsqueeze(1))
-            head.backprop(rows, _probs_to_grad_(probs, targets, valid.to(head.acc) / divisor))
+            if need_dh or need_dw:
+                probs.div_(partition.unsqueeze(1))
+                head.backprop(rows, _probs_to_grad_(probs, targets, valid.to(head.acc) / divisor))
         ctx.grads = head.grads()
         return loss_sum / divisor
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None)
+        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None)
 
 
 def tempnet_lm_loss(
@@ -430,7 +442,8 @@ def tempnet_lm_loss(
     num_valid = (labels != ignore_index).sum()
     divisor = _loss_divisor(num_valid, loss_scale_count, acc)
     loss, ce_sum = _FusedTempNetLM.apply(
-        hidden, lm_head_weight, tau, labels, divisor, float(rho), int(chunk_size), ignore_index
+        hidden, lm_head_weight, tau, labels, divisor, float(rho), int(chunk_size), ignore_index,
+        torch.is_grad_enabled(),  # under no_grad (eval) skip the gradient work; needs_input_grad can't tell
     )
     ce = ce_sum / num_valid.clamp_min(1)
     return LMLossOutput(loss=loss, tau=tau.detach().float(), num_valid=num_valid, ce=ce)
@@ -453,4 +466,6 @@ def chunked_cross_entropy(
     _check_head(lm_head_weight, hidden, None)
     acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype)
     divisor = _loss_divisor((labels != ignore_index).sum(), loss_scale_count, acc)
-    return _ChunkedCrossEntropy.apply(hidden, lm_head_weight, labels, divisor, int(chunk_size), ignore_index)
+    return _ChunkedCrossEntropy.apply(
+        hidden, lm_head_weight, labels, divisor, int(chunk_size), ignore_index, torch.is_grad_enabled()
+    )

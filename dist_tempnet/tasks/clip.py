@@ -40,8 +40,11 @@ class CLIPTrainModule(nn.Module):
         return img, txt
 
     def forward(self, pixel_values, input_ids, attention_mask, sample_ids):
+        # A plain tuple of tensors: ZeRO-3 finds its backward hooks through the outputs' tensors.
         img, txt = self.embed(pixel_values, input_ids, attention_mask)
-        return self.loss_fn(img, txt, sample_ids)
+        out = self.loss_fn(img, txt, sample_ids)
+        self.last_stats = out.stats or {}
+        return out.loss, out.image_tau, out.text_tau
 
 
 def tokenize(tokenizer, texts: list[str], max_len: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -83,7 +86,7 @@ class CLIPTask:
         self.embed_dim = clip.config.projection_dim
         self.num_samples = self.train_manifest.id_stop
         self.loss_fn = build_contrastive_loss(cfg.loss.name, num_samples=self.num_samples,
-                                              embed_dim=self.embed_dim, **loss_kwargs(cfg))
+                                              **loss_kwargs(cfg, self.embed_dim))
         self.module = CLIPTrainModule(clip, self.loss_fn)
         self._stream = None
         self._last_eval_tau: dict[str, torch.Tensor] = {}
@@ -121,13 +124,15 @@ class CLIPTask:
         return {"gamma": gamma}
 
     def forward(self, engine, batch: dict[str, Any]) -> StepResult:
-        out = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"])
-        metrics = {"loss": float(out.loss.detach())}
-        metrics.update(_tau_stats(out.image_tau, "image"))
-        metrics.update(_tau_stats(out.text_tau, "text"))
+        loss, image_tau, text_tau = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                           batch["sample_ids"])
+        metrics = {"loss": float(loss.detach())}
+        metrics.update(_tau_stats(image_tau, "image"))
+        metrics.update(_tau_stats(text_tau, "text"))
         metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
-        metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in (out.stats or {}).items()})
-        return StepResult(out.loss, metrics)
+        stats = engine.module.last_stats
+        metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if k != "loss"})
+        return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"data": {"samples_seen": getattr(self._stream, "samples_seen", 0),
@@ -235,11 +240,20 @@ def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:
     return {f"tau/{side}_mean": float(t.mean()), f"tau/{side}_min": float(t.min()), f"tau/{side}_max": float(t.max())}
 
 
-def loss_kwargs(cfg: Config) -> dict[str, Any]:
+def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:
+    """Constructor arguments of the configured loss (see losses.contrastive.build_contrastive_loss)."""
     lo = cfg.loss
-    return {
-        "gamma": lo.gamma, "rho": lo.rho, "init_tau": lo.init_tau, "tau_min": lo.tau_min, "tau_max": lo.tau_max,
-        "num_prototypes": lo.num_prototypes, "tempnet_dropout": lo.tempnet_dropout,
-        "isogclr_tau_lr": lo.isogclr_tau_lr, "state_device": lo.state_device,
-    }
-
+    state_device = lo.state_device
+    if state_device == "auto":
+        state_device = "cuda" if torch.cuda.is_available() else "cpu"
+    if lo.name == "clip":
+        return {"init_tau": lo.init_tau, "learnable": True}
+    common = {"gamma": lo.gamma, "state_device": state_device}
+    if lo.name == "sogclr":
+        return common | {"init_tau": min(max(lo.init_tau, lo.tau_min), lo.tau_max), "learnable": False,
+                         "tau_min": lo.tau_min, "tau_max": lo.tau_max}
+    if lo.name == "isogclr":
+        return common | {"rho": lo.rho, "tau_init": min(max(lo.init_tau, lo.tau_min), lo.tau_max),
+                         "tau_min": lo.tau_min, "tau_max": lo.tau_max, "tau_lr": lo.isogclr_tau_lr}
+    return common | {"rho": lo.rho, "embed_dim": embed_dim, "num_prototypes": lo.num_prototypes,
+                     "tau_min": lo.tau_min, "tau_max": lo.tau_max, "dropout": lo.tempnet_dropout}

@@ -16,7 +16,7 @@ from torch import nn
 
 from dist_tempnet import comm
 from dist_tempnet.config import Config
-from dist_tempnet.data import eval_token_batches, load_text_tokenizer, resolve_manifest, token_batches
+from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
 from dist_tempnet.engine import ParamGroup, default_param_groups
 from dist_tempnet.evaluate import lockstep
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss
@@ -135,7 +135,7 @@ class LMTask:
         """ZeRO-3: parameters used outside their module's forward must be registered as external."""
         if self.cfg.deepspeed.zero_stage != 3:
             return
-        from deepspeed.zero import register_external_parameter
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
         module = engine.module
         register_external_parameter(module, head_weight(module.lm))
@@ -201,7 +201,7 @@ class LMTask:
         module.eval()
         try:
             sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-            stream = eval_token_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
+            stream = eval_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
                                         world_size=self.world)
             limit = self.cfg.eval.max_batches
             for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):

@@ -1,0 +1,415 @@
+"""`dist-tempnet eval --checkpoint DIR`: evaluate a training checkpoint in this process.
+
+The checkpoint's `meta.json` carries the resolved training config, so the task (CLIP or LM) is
+rebuilt exactly as trained; only the weights are loaded (no optimizer state, no DRO state). The
+evaluation is the task's own (`task.evaluate(engine)`): zero-shot accuracy and image↔text
+recall@1/5/10 for CLIP, perplexity and token accuracy for LMs. `--data` evaluates on other shards
+with the training tokenizer; `--log-to-mlflow` logs the numbers to the training run (its id is in
+meta.json) or to a new run linked to it by tag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_tempnet.config import Config, ConfigError, config_from_dict
+
+EVAL_OF_TAG = "dist_tempnet.eval_of_run"
+
+
+class EvalError(RuntimeError):
+    """The evaluation cannot start or its data cannot be read; the message says what to fix."""
+
+
+@dataclass
+class EvalResult:
+    checkpoint: Path
+    step: int
+    metrics: dict[str, float]
+    source_run_id: str = ""
+    logged_run_id: str = ""
+    config: Config | None = field(default=None, repr=False)
+    task: Any = field(default=None, repr=False)  # kept to log the task's artifacts to a new run
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint and its config
+
+
+def _is_complete(path: Path) -> bool:
+    from dist_tempnet.checkpoint import COMPLETE
+
+    return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
+
+
+def resolve_checkpoint_dir(path: str | Path) -> Path:
+    """A complete checkpoint directory, or the newest complete `step_*` directory below `path`
+    (so a run's checkpoint root or Ray storage directory works too)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise EvalError(f"checkpoint '{path}' does not exist")
+    if _is_complete(path):
+        return path
+    candidates = sorted(
+        (p for p in path.rglob("step_*") if p.is_dir() and _is_complete(p)), key=lambda p: p.name
+    )
+    if candidates:
+        return candidates[-1]
+    raise EvalError(
+        f"checkpoint '{path}' is not a complete checkpoint (no COMPLETE marker and meta.json) and holds no "
+        "complete step_* checkpoint below it"
+    )
+
+
+def eval_config(
+    meta: dict[str, Any], data: str | None, split: str | None, max_batches: int | None, batch_size: int | None
+) -> Config:
+    """The training config, adapted to one process and the requested eval data."""
+    if "config" not in meta:
+        raise EvalError("meta.json has no 'config': this checkpoint was not written by dist-tempnet training")
+    cfg = config_from_dict(meta["config"])
+    cfg.ray.num_workers = 1
+    if batch_size:
+        cfg.train.micro_batch_size = batch_size
+    # One rank, no accumulation: DeepSpeed checks global = micro × world × accumulation.
+    cfg.train.global_batch_size = cfg.train.micro_batch_size
+    if split:
+        cfg.data.eval_split = split
+    if max_batches is not None:
+        cfg.eval.max_batches = max_batches
+    cfg.mlflow.enabled = False
+    return cfg
+
+
+def _check_eval_data(path: str, split: str) -> None:
+    """Fail before any model is built when there is nothing to evaluate on (the task would skip quietly)."""
+    from dist_tempnet.data import resolve_manifest
+
+    try:
+        resolve_manifest(path, split)
+    except FileNotFoundError as exc:
+        raise EvalError(f"no eval split '{split}' under '{path}': {exc}") from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars
+
+
+def progress(iterable: Any, desc: str, total: int | None = None) -> Any:
+    """A tqdm bar on an interactive terminal only: logs and CI output stay clean."""
+    from tqdm import tqdm
+
+    if total is None:
+        with contextlib.suppress(TypeError):
+            total = len(iterable)
+    return tqdm(iterable, total=total, desc=desc, unit="batch", disable=not sys.stderr.isatty(), leave=False)
+
+
+@contextlib.contextmanager
+def eval_progress(task: Any, desc: str) -> Iterator[None]:
+    """Show a bar over the task's eval batches.
+
+    The eval loops live in the task modules and take their stream from the module-level
+    `eval_batches`; wrapping that name for the duration of one evaluation gives every task a
+    bar without a progress parameter threaded through them.
+    """
+    module = sys.modules.get(type(task).__module__)
+    original = getattr(module, "eval_batches", None)
+    if module is None or original is None:
+        yield
+        return
+
+    def with_bar(*args: Any, **kwargs: Any) -> Any:
+        return progress(original(*args, **kwargs), desc)
+
+    module.eval_batches = with_bar
+    try:
+        yield
+    finally:
+        module.eval_batches = original
+
+
+# ---------------------------------------------------------------------------------------------
+# Model and weights
+
+
+def _load_zero3_weights(module: Any, ds_dir: Path, tag: str) -> None:
+    # ZeRO-3 shards parameters by world size; consolidate to a full fp32 state dict so that one
+    # process can load a checkpoint written by any number of workers.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if "dro_state" not in k]:
+        raise EvalError(
+            f"checkpoint {ds_dir}/{tag} does not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+
+
+def build_and_load(cfg: Config, ckpt: Path, meta: dict[str, Any]):
+    """(task, engine) for one process with the checkpoint's weights loaded."""
+    from dist_tempnet.engine import build_engine
+    from dist_tempnet.tasks import build_task
+    from dist_tempnet.train import init_distributed, seed_everything
+
+    device = init_distributed()
+    seed_everything(cfg.run.seed)
+    task = build_task(cfg, 0, 1, device)
+    ds_dir, tag = ckpt / "deepspeed", meta["tag"]
+    zero3 = cfg.deepspeed.zero_stage == 3
+    if zero3:
+        _load_zero3_weights(task.module, ds_dir, tag)
+        cfg.deepspeed.zero_stage = 0  # one process: nothing to partition
+    engine = build_engine(task.module, task.param_groups(), cfg)
+    if not zero3:
+        # Under ZeRO-0/1/2 the full module weights sit in mp_rank_00_model_states.pt whatever the
+        # world size was; optimizer shards are per rank and not needed here.
+        path, _ = engine.load_checkpoint(
+            str(ds_dir),
+            tag=tag,
+            load_module_only=True,
+            load_optimizer_states=False,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise EvalError(f"checkpoint '{ckpt}': DeepSpeed found no weights under deepspeed/{tag}")
+    return task, engine
+
+
+def _corrupt_data_errors() -> tuple[type[BaseException], ...]:
+    from dist_tempnet.data import CorruptShardError, ManifestError
+
+    return CorruptShardError, ManifestError
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | None = None,
+    split: str | None = None,
+    max_batches: int | None = None,
+    batch_size: int | None = None,
+) -> EvalResult:
+    """Evaluate one checkpoint in this process (world size 1); see the module docstring."""
+    from dist_tempnet.checkpoint import read_meta
+
+    ckpt = resolve_checkpoint_dir(checkpoint)
+    meta = read_meta(ckpt)
+    cfg = eval_config(meta, data, split, max_batches, batch_size)
+    _check_eval_data(data or cfg.data.path, cfg.data.eval_split)
+    task, engine = _build_for_data(cfg, ckpt, meta, data)
+    try:
+        with eval_progress(task, f"eval {Path(cfg.data.path).name}/{cfg.data.eval_split}"):
+            metrics = task.evaluate(engine)
+    except (*_corrupt_data_errors(), FileNotFoundError) as exc:
+        raise EvalError(f"cannot evaluate on '{cfg.data.path}' (split {cfg.data.eval_split}): {exc}") from exc
+    if not metrics:
+        raise EvalError(
+            f"the {cfg.run.task} task produced no metrics for '{cfg.data.path}' (split {cfg.data.eval_split})"
+        )
+    return EvalResult(
+        ckpt, int(meta.get("step", 0)), metrics, meta.get("mlflow_run_id") or "", config=cfg, task=task
+    )
+
+
+def _build_for_data(cfg: Config, ckpt: Path, meta: dict[str, Any], data: str | None):
+    """Build with the training data (its train split fixes the tokenizer and the DRO state size),
+    then point evaluation at `data`. If the training data is gone, `data` must provide both."""
+    from dist_tempnet.data import resolve_manifest
+
+    if data:
+        try:
+            resolve_manifest(cfg.data.path, cfg.data.train_split)
+        except FileNotFoundError:
+            cfg.data.path = str(Path(data).resolve())
+    task, engine = build_and_load(cfg, ckpt, meta)
+    if data:
+        cfg.data.path = str(Path(data).resolve())  # the task reads cfg.data.path when it evaluates
+    return task, engine
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow
+
+
+def _metric_prefix(data: str | None) -> str:
+    """`eval/...` for the training's own eval split; `eval_<dataset dir>/...` for other shards, so
+    results on another dataset never mix with the training run's own eval curve."""
+    if not data:
+        return ""
+    name = "".join(c if c.isalnum() or c in "_-." else "_" for c in Path(data).resolve().name)
+    return f"eval_{name}"
+
+
+def _renamed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    if not prefix:
+        return dict(metrics)
+    return {prefix + "/" + k.removeprefix("eval/"): v for k, v in metrics.items()}
+
+
+def check_run_exists(tracking_uri: str, run_id: str) -> None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException as exc:
+        raise EvalError(
+            f"MLflow run {run_id!r} not found at {tracking_uri} (pass --tracking-uri, or "
+            "--new-run to log to a new run)"
+        ) from exc
+
+
+def _new_linked_run(client, cfg: Config, source_run_id: str, ckpt: Path) -> str:
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.mlflow.experiment)
+    tags = {
+        "mlflow.runName": f"eval-{cfg.mlflow.run_name or cfg.run.name}",
+        "task": cfg.run.task,
+        "method": cfg.loss.name,
+        "model": cfg.model.pretrained or cfg.model.preset,
+        "world_size": "1",
+        "zero_stage": str(cfg.deepspeed.zero_stage),
+        "checkpoint_uri": str(ckpt),
+        "mlflow.source.name": "dist-tempnet eval",
+    }
+    if source_run_id:
+        tags[EVAL_OF_TAG] = source_run_id
+    return client.create_run(exp_id, tags=tags).info.run_id
+
+
+def log_results(
+    result: EvalResult, tracking_uri: str, run_id: str | None, new_run: bool, data: str | None
+) -> str:
+    """Log to `run_id` (default: the training run) or to a new run linked by tag; returns the run id."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.tracking import Tracker
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    cfg = result.config
+    target = "" if new_run else (run_id or result.source_run_id)
+    created = not target
+    if created:
+        target = _new_linked_run(client, cfg, result.source_run_id, result.checkpoint)
+    tracker = Tracker(tracking_uri, target)
+    prefix = _metric_prefix(data)
+    tracker.log_metrics(_renamed(result.metrics, prefix), result.step)
+    tag_prefix = f"{prefix or 'eval'}."
+    tracker.set_tags(
+        {
+            f"{tag_prefix}checkpoint": str(result.checkpoint),
+            f"{tag_prefix}data": cfg.data.path + ":" + cfg.data.eval_split,
+        }
+    )
+    if created:
+        if hasattr(result.task, "log_artifacts"):
+            result.task.log_artifacts(tracker)
+        tracker.terminate("FINISHED")
+    else:
+        tracker.flush()
+    if tracker.failures:
+        raise EvalError(f"logging to MLflow run {target} failed (see the warning above)")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def format_results(result: EvalResult) -> str:
+    width = max(len(k) for k in result.metrics)
+    lines = [f"checkpoint {result.checkpoint} (step {result.step})"]
+    lines += [f"  {k.ljust(width)}  {v:.4f}" for k, v in sorted(result.metrics.items())]
+    return "\n".join(lines)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a training checkpoint (zero-shot/retrieval or perplexity)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
+    )
+    p.add_argument(
+        "--data", default=None, help="dataset directory to evaluate on (default: the training data)"
+    )
+    p.add_argument("--split", default=None, help="eval split name (default: the config's data.eval_split)")
+    p.add_argument("--max-batches", type=int, default=None, help="0: the whole split (default: as trained)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="eval batch size (default: train.micro_batch_size)"
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
+    p.add_argument(
+        "--log-to-mlflow",
+        action="store_true",
+        help="log the metrics to the training run (or --run-id, or a --new-run linked by tag)",
+    )
+    p.add_argument(
+        "--run-id", default=None, help="MLflow run to log to (default: mlflow_run_id in meta.json)"
+    )
+    p.add_argument(
+        "--new-run", action="store_true", help=f"log to a new run tagged {EVAL_OF_TAG}=<training run>"
+    )
+    p.add_argument(
+        "--tracking-uri",
+        default="",
+        help="default: the training config's, else $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db",
+    )
+    p.set_defaults(fn=cmd_eval)
+
+
+def _tracking_uri(args: argparse.Namespace, ckpt: Path) -> str:
+    from dist_tempnet.checkpoint import read_meta
+    from dist_tempnet.tracking import resolve_tracking_uri
+
+    trained_with = read_meta(ckpt).get("config", {}).get("mlflow", {}).get("tracking_uri", "")
+    return resolve_tracking_uri(args.tracking_uri or trained_with)
+
+
+def _preflight_mlflow(args: argparse.Namespace) -> str:
+    """Check the MLflow target before spending minutes on evaluation."""
+    from dist_tempnet.checkpoint import read_meta
+
+    ckpt = resolve_checkpoint_dir(args.checkpoint)
+    uri = _tracking_uri(args, ckpt)
+    run_id = args.run_id or ("" if args.new_run else read_meta(ckpt).get("mlflow_run_id", ""))
+    if run_id and not args.new_run:
+        check_run_exists(uri, run_id)
+    return uri
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    try:
+        uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
+        result = evaluate_checkpoint(
+            args.checkpoint, args.data, args.split, args.max_batches, args.batch_size
+        )
+        print(format_results(result))
+        if args.json:
+            args.json.write_text(
+                json.dumps(
+                    {"checkpoint": str(result.checkpoint), "step": result.step, "metrics": result.metrics},
+                    indent=1,
+                )
+            )
+        if args.log_to_mlflow:
+            run_id = log_results(result, uri, args.run_id, args.new_run, args.data)
+            print(f"logged to MLflow run {run_id} ({uri})")
+    except (EvalError, ConfigError) as exc:
+        print(f"dist-tempnet eval: {exc}", file=sys.stderr)
+        return 2
+    return 0

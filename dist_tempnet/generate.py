@@ -1,0 +1,96 @@
+"""Generation with TempNet: each step's logits are divided by the τ TempNet predicts from them.
+
+`TempNetLogitsProcessor` works with any transformers `model.generate(...)`; `dist-tempnet generate`
+loads an exported model directory (see export.py) and prints the continuation, optionally with
+the τ of every generated token.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import LogitsProcessor
+
+from dist_tempnet.tempnet import LMTempNet
+
+
+class TempNetLogitsProcessor(LogitsProcessor):
+    """scores / τ(scores) per sequence; τ of each step is kept in `self.taus` (list of [batch])."""
+
+    def __init__(self, tempnet: LMTempNet, record: bool = True) -> None:
+        self.tempnet = tempnet.eval()
+        self.record = record
+        self.taus: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        param = next(self.tempnet.parameters())
+        tau = self.tempnet(scores.to(param.device, param.dtype)).to(scores.device, scores.dtype)
+        if self.record:
+            self.taus.append(tau.detach().float().cpu())
+        return scores / tau.unsqueeze(-1)
+
+
+def load_for_generation(model_dir: str | Path, device: str = "cpu"):
+    """(model, tokenizer, tempnet or None) from an exported directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_tempnet.export import load_tempnets
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--model: '{model_dir}' is not an exported model directory (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    tempnet = load_tempnets(model_dir).get("lm")
+    return model, tokenizer, tempnet.to(device) if tempnet is not None else None
+
+
+def generate_text(model, tokenizer, tempnet: LMTempNet | None, prompt: str, max_new_tokens: int = 40,
+                  do_sample: bool = True, seed: int = 0) -> tuple[str, list[str], list[float]]:
+    """(continuation, generated tokens, τ per generated token — empty without TempNet)."""
+    from transformers import LogitsProcessorList
+
+    torch.manual_seed(seed)
+    enc = tokenizer(prompt, return_tensors="pt").to(model.device)
+    processors = LogitsProcessorList()
+    proc = None
+    if tempnet is not None:
+        proc = TempNetLogitsProcessor(tempnet)
+        processors.append(proc)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=0, top_p=1.0,
+                         temperature=1.0, logits_processor=processors, pad_token_id=pad)
+    new_ids = out[0, enc["input_ids"].shape[1]:]
+    tokens = [tokenizer.decode([t]) for t in new_ids.tolist()]
+    taus = [float(t[0]) for t in proc.taus][: len(tokens)] if proc else []
+    return tokenizer.decode(new_ids, skip_special_tokens=True), tokens, taus
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, tokenizer, tempnet = load_for_generation(args.model, args.device)
+    if tempnet is None:
+        print("(no TempNet in this export: generating at τ = 1)")
+    if args.no_tempnet:
+        tempnet = None
+    text, tokens, taus = generate_text(model, tokenizer, tempnet, args.prompt, args.max_new_tokens,
+                                       do_sample=not args.greedy, seed=args.seed)
+    print(args.prompt + text)
+    if args.show_tau and taus:
+        print("\n".join(f"{tok!r:>20}  τ={tau:.4f}" for tok, tau in zip(tokens, taus)))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate text with an exported LM, temperature set by its TempNet")
+    p.add_argument("--model", required=True, help="directory written by `dist-tempnet export`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (τ then does not change the output)")
+    p.add_argument("--show-tau", action="store_true", help="print the τ of each generated token")
+    p.add_argument("--no-tempnet", action="store_true", help="ignore the TempNet (τ = 1) for comparison")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_generate)
