@@ -66,8 +66,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_rank_files(
-    directory: Path, engine, step: int, task_state: dict[str, Any], config: dict[str, Any],
-    metrics: dict[str, float], extra: dict[str, Any],
+    directory: Path,
+    engine,
+    step: int,
+    task_state: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, float],
+    extra: dict[str, Any],
 ) -> str:
     """Every rank calls this with its own (or a shared) directory; returns the DeepSpeed tag."""
     tag = f"step_{step:08d}"
@@ -96,10 +101,15 @@ def load_into(directory: Path, engine, task) -> dict[str, Any]:
     meta = read_meta(directory)
     rank = comm.rank()
     load_path, _ = engine.load_checkpoint(
-        str(directory / "deepspeed"), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
+        str(directory / "deepspeed"),
+        tag=meta["tag"],
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise FileNotFoundError(f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}")
+        raise FileNotFoundError(
+            f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
+        )
     old_world = int(meta["world_size"])
     rank_files = [directory / f"rank_{r}.pt" for r in range(old_world)]
     missing = [str(p) for p in rank_files if not p.is_file()]
@@ -113,8 +123,15 @@ def load_into(directory: Path, engine, task) -> dict[str, Any]:
 
 
 class CheckpointSink:
-    def save(self, engine, step: int, task_state: dict[str, Any], config: dict[str, Any],
-             metrics: dict[str, float], extra: dict[str, Any]) -> str:
+    def save(
+        self,
+        engine,
+        step: int,
+        task_state: dict[str, Any],
+        config: dict[str, Any],
+        metrics: dict[str, float],
+        extra: dict[str, Any],
+    ) -> str:
         raise NotImplementedError
 
     def load_latest(self, engine, task) -> dict[str, Any] | None:
@@ -191,5 +208,8 @@ class RaySink(CheckpointSink):
 def make_sink(cfg: Config, loop_config: dict[str, Any]) -> CheckpointSink:
     if loop_config.get("ray"):
         return RaySink()
-    root = Path(loop_config.get("checkpoint_root") or Path(cfg.run.output_dir).resolve() / cfg.run.name / "checkpoints")
+    root = Path(
+        loop_config.get("checkpoint_root")
+        or Path(cfg.run.output_dir).resolve() / cfg.run.name / "checkpoints"
+    )
     return LocalSink(root, cfg.checkpoint.keep_last)

@@ -32,14 +32,25 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 
     if args.text:
         if not args.tokenizer:
-            raise SystemExit("make-shards --text needs --tokenizer DIR (a local Hugging Face tokenizer directory)")
-        out = data.make_token_shards(args.text, args.tokenizer, args.out, seq_len=args.seq_len,
-                                     overwrite=args.overwrite)
+            raise SystemExit(
+                "make-shards --text needs --tokenizer DIR (a local Hugging Face tokenizer directory)"
+            )
+        out = data.make_token_shards(
+            args.text, args.tokenizer, args.out, seq_len=args.seq_len, overwrite=args.overwrite
+        )
     elif args.kind == "text":
-        out = data.make_demo_text_dataset(args.out, seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite)
+        out = data.make_demo_text_dataset(
+            args.out, seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite
+        )
     else:
-        out = data.make_demo_clip_dataset(args.out, num_train=args.num_train, num_eval=args.num_eval,
-                                          image_size=args.image_size, seed=args.seed, overwrite=args.overwrite)
+        out = data.make_demo_clip_dataset(
+            args.out,
+            num_train=args.num_train,
+            num_eval=args.num_eval,
+            image_size=args.image_size,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
     print(f"shards written to {out}")
     return 0
 
@@ -50,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train with Ray + DeepSpeed, tracked in MLflow")
     _add_config_args(p)
-    p.add_argument("--no-ray", action="store_true",
-                   help="run in this process (one rank, or under torchrun) instead of Ray workers")
+    p.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="run in this process (one rank, or under torchrun) instead of Ray workers",
+    )
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("make-shards", help="write webdataset shards (demo CLIP/text data or your text files)")

@@ -69,6 +69,11 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]  # latest value of each metric
     histories: dict[str, list[tuple[int, int, float]]] = field(default_factory=dict)  # (step, ts_ms, value)
+    short_name: str = ""  # the name without a prefix every compared run shares (e.g. the sweep's)
+
+    @property
+    def label(self) -> str:
+        return self.short_name or self.name
 
     @property
     def method(self) -> str:
@@ -345,14 +350,18 @@ class Table:
     columns: list[Column]
     rows: list[list[Any]]  # raw values (None = missing)
 
-    def formatted(self, missing: str = MISSING, short_ids: bool = False) -> list[list[str]]:
+    def formatted(
+        self, missing: str = MISSING, short_ids: bool = False, names: Sequence[str] | None = None
+    ) -> list[list[str]]:
         out = []
-        for row in self.rows:
+        for i, row in enumerate(self.rows):
             cells = []
             for col, value in zip(self.columns, row):
                 text = format_value(value, col.fmt, missing)
                 if short_ids and col.key == "run_id" and value:
                     text = value[:8]
+                if names is not None and col.key == "run_name":
+                    text = names[i]
                 cells.append(text)
             out.append(cells)
         return out
@@ -619,7 +628,7 @@ def plot_loss(records: Sequence[RunRecord], style: Styler, path: Path) -> Path |
         few_points = len(r.histories["loss"]) < 20
         ax.plot(
             *_xy(r, "loss", "step"),
-            label=f"{r.name} [{r.status}]" if r.status != "FINISHED" else r.name,
+            label=f"{r.label} [{r.status}]" if r.status != "FINISHED" else r.label,
             markersize=4,
             **style(r, marker=few_points),
         )
@@ -655,11 +664,11 @@ def _eval_bars(ax, records: Sequence[RunRecord], key: str, style: Styler) -> Non
             i,
             _xy(r, key, "step")[1][-1],
             color=style(r)["color"],
-            label=r.name,
+            label=r.label,
             hatch=("", "//", "..", "xx")[style.repeat[r.run_id] % 4],
             edgecolor="white",
         )
-    ax.set_xticks(range(len(drawn)), [r.name for r in drawn], rotation=30, ha="right", fontsize=7)
+    ax.set_xticks(range(len(drawn)), [r.label for r in drawn], rotation=30, ha="right", fontsize=7)
 
 
 def plot_eval(records: Sequence[RunRecord], style: Styler, path: Path, x: str) -> Path | None:
@@ -675,7 +684,7 @@ def plot_eval(records: Sequence[RunRecord], style: Styler, path: Path, x: str) -
             for r in records:
                 xs, ys = _xy(r, key, x)
                 if xs:
-                    ax.plot(xs, ys, markersize=5, label=r.name, **style(r, marker=True))
+                    ax.plot(xs, ys, markersize=5, label=r.label, **style(r, marker=True))
             ax.set_xlabel("step" if x == "step" else "wall time since run start [s]", fontsize=8)
         if key == "eval/zero_shot_acc":
             chances = {v for r in records if (v := _final(r, "eval/zero_shot_chance")) is not None}
@@ -712,7 +721,7 @@ def plot_tau_over_steps(records: Sequence[RunRecord], style: Styler, path: Path)
             if not xs:
                 continue
             kw = style(r)
-            ax.plot(xs, mean, label=r.name, **kw)
+            ax.plot(xs, mean, label=r.label, **kw)
             lo_x, lo = _xy(r, f"{prefix}min", "step")
             hi_x, hi = _xy(r, f"{prefix}max", "step")
             if lo and hi and lo_x == hi_x:
@@ -749,7 +758,7 @@ def plot_tau_final(records: Sequence[RunRecord], style: Styler, path: Path) -> P
                 [[max(0.0, mean - lo)], [max(0.0, hi - mean)]] if lo is not None and hi is not None else None
             )
             ax.errorbar([mean], [y], xerr=err, fmt=markers[i % 3], color=style(r)["color"], capsize=3)
-            labels.append(f"{r.name} ({title})")
+            labels.append(f"{r.label} ({title})")
             y += 1
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.invert_yaxis()
@@ -786,7 +795,7 @@ def plot_tau_histograms(client, records: Sequence[RunRecord], path: Path) -> Pat
         fig, axes = _grid(len(found), plt, width=4.5, height=3.2)
         for ax, (r, png) in zip(axes, found):
             ax.imshow(plt.imread(png))
-            ax.set_title(r.name, fontsize=8)
+            ax.set_title(r.label, fontsize=8)
             ax.axis("off")
         fig.suptitle("τ histograms on the held-out split (per run)", fontsize=10)
         return _save(fig, path)
@@ -816,9 +825,15 @@ class Comparison:
     groups: GroupTable
     files: list[Path] = field(default_factory=list)
 
+    @property
+    def _title(self) -> str:
+        prefix = shared_name_prefix([r.name for r in self.records])
+        return f"Runs {prefix}* ({len(self.records)})" if prefix else f"Runs ({len(self.records)})"
+
     def text(self) -> str:
         header = [c.title for c in self.table.columns]
-        parts = [render_text(header, self.table.formatted(short_ids=True))]
+        names = [r.label for r in self.records]
+        parts = [self._title + ":", render_text(header, self.table.formatted(short_ids=True, names=names))]
         if any(len(g.records) > 1 for g in self.groups.groups):
             g_header, g_rows = self.groups.formatted()
             parts += [
@@ -833,9 +848,9 @@ class Comparison:
         g_header, g_rows = self.groups.formatted()
         return "\n".join(
             [
-                "## Runs",
+                f"## {self._title}",
                 "",
-                render_markdown(header, self.table.formatted()),
+                render_markdown(header, self.table.formatted(names=[r.label for r in self.records])),
                 "",
                 "## Per configuration (mean ± sample std over finished runs)",
                 "",
@@ -845,9 +860,20 @@ class Comparison:
         )
 
 
+def shared_name_prefix(names: Sequence[str]) -> str:
+    """The `<sweep name>/` every name starts with, if any (child runs of one sweep)."""
+    heads = {n.rpartition("/")[0] for n in names}
+    if len(names) < 2 or len(heads) != 1 or not next(iter(heads)):
+        return ""
+    return heads.pop() + "/"
+
+
 def compare(client, runs: Sequence[Any], out: Path | None = None, plots: bool = True) -> Comparison:
     """Build the comparison of `runs` (MLflow Run objects); with `out`, write tables and plots there."""
     records = [load_record(client, run) for run in runs]
+    prefix = shared_name_prefix([r.name for r in records])
+    for r in records:
+        r.short_name = r.name.removeprefix(prefix)
     table = build_table(records)
     comparison = Comparison(records, table, build_group_table(group_runs(records), table.columns))
     if out is not None:

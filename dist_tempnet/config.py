@@ -218,7 +218,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{source}: key '{key}' expects {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
@@ -229,7 +231,9 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         key = prefix + unknown[0]
-        raise ConfigError(f"{source}: unknown key '{key}' (known keys in this section: {', '.join(sorted(known))})")
+        raise ConfigError(
+            f"{source}: unknown key '{key}' (known keys in this section: {', '.join(sorted(known))})"
+        )
     kwargs = {}
     for f in fields(cls):
         if f.name not in raw:
@@ -332,16 +336,31 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(t.lr > 0, source, "train.lr", f"must be > 0, got {t.lr}")
     _check(0 <= t.min_lr_ratio <= 1, source, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.warmup_steps >= 0, source, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    _check(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), source, "train.betas", f"must be two numbers in [0,1), got {t.betas}")
+    _check(
+        len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+        source,
+        "train.betas",
+        f"must be two numbers in [0,1), got {t.betas}",
+    )
     _check(t.grad_clip >= 0, source, "train.grad_clip", f"must be >= 0, got {t.grad_clip}")
     _check(t.log_every > 0, source, "train.log_every", f"must be > 0, got {t.log_every}")
     _one_of(t.mode, LM_MODES, source, "train.mode")
     _one_of(cfg.deepspeed.zero_stage, (0, 1, 2, 3), source, "deepspeed.zero_stage")
     _one_of(r.use_gpu, ("auto", "true", "false"), source, "ray.use_gpu")
     _check(r.cpus_per_worker > 0, source, "ray.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
-    _check(r.max_failures >= -1, source, "ray.max_failures", f"must be >= -1 (-1: unlimited), got {r.max_failures}")
+    _check(
+        r.max_failures >= -1,
+        source,
+        "ray.max_failures",
+        f"must be >= -1 (-1: unlimited), got {r.max_failures}",
+    )
     _check(cfg.checkpoint.every >= 0, source, "checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
-    _check(cfg.checkpoint.keep_last >= 1, source, "checkpoint.keep_last", f"must be >= 1, got {cfg.checkpoint.keep_last}")
+    _check(
+        cfg.checkpoint.keep_last >= 1,
+        source,
+        "checkpoint.keep_last",
+        f"must be >= 1, got {cfg.checkpoint.keep_last}",
+    )
     _check(cfg.eval.every >= 0, source, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(bool(cfg.data.path), source, "data.path", "must name a dataset directory")
@@ -349,22 +368,49 @@ def validate(cfg: Config, source: str = "config") -> None:
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")
     _check(0 < lo.gamma <= 1, source, "loss.gamma", f"must be in (0, 1], got {lo.gamma}")
-    _check(0 < lo.gamma_min <= lo.gamma, source, "loss.gamma_min", f"must be in (0, loss.gamma], got {lo.gamma_min}")
-    _check(0 < lo.tau_min < lo.tau_max, source, "loss.tau_min", f"need 0 < tau_min < tau_max, got {lo.tau_min}, {lo.tau_max}")
+    _check(
+        0 < lo.gamma_min <= lo.gamma,
+        source,
+        "loss.gamma_min",
+        f"must be in (0, loss.gamma], got {lo.gamma_min}",
+    )
+    _check(
+        0 < lo.tau_min < lo.tau_max,
+        source,
+        "loss.tau_min",
+        f"need 0 < tau_min < tau_max, got {lo.tau_min}, {lo.tau_max}",
+    )
     _check(lo.init_tau > 0, source, "loss.init_tau", f"must be > 0, got {lo.init_tau}")
     _check(lo.tempnet_lr >= 0, source, "loss.tempnet_lr", f"must be >= 0, got {lo.tempnet_lr}")
     _check(lo.chunk_size > 0, source, "loss.chunk_size", f"must be > 0, got {lo.chunk_size}")
     _one_of(lo.state_device, ("cpu", "cuda", "auto"), source, "loss.state_device")
     if cfg.run.task == "clip":
         _one_of(lo.name, CLIP_LOSSES, source, "loss.name")
-        _check(cfg.model.preset.startswith("clip") or bool(cfg.model.pretrained), source, "model.preset",
-               f"task 'clip' needs a clip_* preset or model.pretrained, got {cfg.model.preset!r}")
+        _check(
+            cfg.model.preset.startswith("clip") or bool(cfg.model.pretrained),
+            source,
+            "model.preset",
+            f"task 'clip' needs a clip_* preset or model.pretrained, got {cfg.model.preset!r}",
+        )
     else:
         _one_of(lo.name, LM_LOSSES, source, "loss.name")
-        _check(not cfg.model.preset.startswith("clip"), source, "model.preset",
-               f"task 'lm' needs a causal LM preset, got {cfg.model.preset!r}")
+        _check(
+            not cfg.model.preset.startswith("clip"),
+            source,
+            "model.preset",
+            f"task 'lm' needs a causal LM preset, got {cfg.model.preset!r}",
+        )
         if t.mode == "finetune":
-            _check(bool(cfg.model.pretrained), source, "model.pretrained",
-                   "train.mode=finetune starts from a pretrained model: set model.pretrained to a local directory")
+            _check(
+                bool(cfg.model.pretrained),
+                source,
+                "model.pretrained",
+                "train.mode=finetune starts from a pretrained model: set it to a local directory",
+            )
         if t.mode == "tempnet_only":
-            _check(lo.name == "tempnet", source, "loss.name", "train.mode=tempnet_only trains only the TempNet: use loss.name=tempnet")
+            _check(
+                lo.name == "tempnet",
+                source,
+                "loss.name",
+                "train.mode=tempnet_only trains only the TempNet: use loss.name=tempnet",
+            )

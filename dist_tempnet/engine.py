@@ -27,7 +27,9 @@ class ParamGroup:
     weight_decay: float | None = None
 
 
-def default_param_groups(model: nn.Module, weight_decay: float, skip: set[int] | None = None) -> list[ParamGroup]:
+def default_param_groups(
+    model: nn.Module, weight_decay: float, skip: set[int] | None = None
+) -> list[ParamGroup]:
     """Split trainable params into decayed (matrices) and non-decayed (biases, norms, scalars)."""
     skip = skip or set()
     decay, no_decay = [], []
@@ -35,7 +37,10 @@ def default_param_groups(model: nn.Module, weight_decay: float, skip: set[int] |
         if not p.requires_grad or id(p) in skip:
             continue
         (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [ParamGroup("model", decay, weight_decay=weight_decay), ParamGroup("model_no_decay", no_decay, weight_decay=0.0)]
+    groups = [
+        ParamGroup("model", decay, weight_decay=weight_decay),
+        ParamGroup("model_no_decay", no_decay, weight_decay=0.0),
+    ]
     return [g for g in groups if g.params]
 
 

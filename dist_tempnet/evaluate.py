@@ -28,7 +28,9 @@ def zero_shot_correct(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: 
     return int((logits.argmax(dim=-1) == labels).sum())
 
 
-def recall_at_k(query: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = (1, 5, 10)) -> dict[int, float]:
+def recall_at_k(
+    query: torch.Tensor, gallery: torch.Tensor, ks: Iterable[int] = (1, 5, 10)
+) -> dict[int, float]:
     """Query i's true match is gallery i. Recall@k = share of queries whose match ranks in the top k.
 
     Ties count against the query (a match only counts when strictly fewer items score higher)."""
@@ -63,7 +65,9 @@ def gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 
-def lockstep(batches: Iterator[dict[str, Any]], device: torch.device) -> Iterator[tuple[dict[str, Any], bool]]:
+def lockstep(
+    batches: Iterator[dict[str, Any]], device: torch.device
+) -> Iterator[tuple[dict[str, Any], bool]]:
     """Yield (batch, is_real) until every rank is exhausted.
 
     Under ZeRO-3 every forward gathers parameters collectively, so all ranks must run the same
@@ -79,7 +83,9 @@ def lockstep(batches: Iterator[dict[str, Any]], device: torch.device) -> Iterato
             return
         if batch is None:
             if last is None:
-                raise RuntimeError("this rank received no evaluation data at all; use fewer workers or more eval shards")
+                raise RuntimeError(
+                    "this rank received no evaluation data at all; use fewer workers or more eval shards"
+                )
             yield last, False
         else:
             last = batch

@@ -29,7 +29,9 @@ def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     tag = meta["tag"]
     zero_stage = int(meta["config"]["deepspeed"]["zero_stage"])
     if zero_stage == 0:
-        states = torch.load(ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        states = torch.load(
+            ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+        )
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -66,19 +68,34 @@ def tempnet_modules(module: nn.Module) -> dict[str, nn.Module]:
 
 def _tempnet_config(role: str, net: nn.Module) -> dict[str, Any]:
     if role == "lm":
-        return {"class": "LMTempNet", "vocab_size": net.vocab_size, "hidden_size": net.hidden_size,
-                "tau_min": net.tau_min, "tau_max": net.tau_max}
-    return {"class": "CLIPTempNet", "embed_dim": net.embed_dim, "num_prototypes": net.num_prototypes,
-            "tau_min": net.tau_min, "tau_max": net.tau_max}
+        return {
+            "class": "LMTempNet",
+            "vocab_size": net.vocab_size,
+            "hidden_size": net.hidden_size,
+            "tau_min": net.tau_min,
+            "tau_max": net.tau_max,
+        }
+    return {
+        "class": "CLIPTempNet",
+        "embed_dim": net.embed_dim,
+        "num_prototypes": net.num_prototypes,
+        "tau_min": net.tau_min,
+        "tau_max": net.tau_max,
+    }
 
 
 def save_tempnets(nets: dict[str, nn.Module], out: Path) -> None:
     from safetensors.torch import save_file
 
-    tensors = {f"{role}.{k}": v.detach().float().contiguous().cpu() for role, net in nets.items()
-               for k, v in net.state_dict().items()}
+    tensors = {
+        f"{role}.{k}": v.detach().float().contiguous().cpu()
+        for role, net in nets.items()
+        for k, v in net.state_dict().items()
+    }
     save_file(tensors, str(out / TEMPNET_WEIGHTS))
-    (out / TEMPNET_CONFIG).write_text(json.dumps({role: _tempnet_config(role, n) for role, n in nets.items()}, indent=1))
+    (out / TEMPNET_CONFIG).write_text(
+        json.dumps({role: _tempnet_config(role, n) for role, n in nets.items()}, indent=1)
+    )
 
 
 def load_tempnets(model_dir: str | Path) -> dict[str, nn.Module]:
@@ -98,7 +115,7 @@ def load_tempnets(model_dir: str | Path) -> dict[str, nn.Module]:
         cls = {"LMTempNet": LMTempNet, "CLIPTempNet": CLIPTempNet}[spec.pop("class")]
         net = cls(**spec)
         prefix = f"{role}."
-        net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        net.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         nets[role] = net.eval()
     return nets
 
@@ -117,8 +134,10 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     # Tied weights appear once in the consolidated dict; anything else missing is an error.
     missing = [k for k in missing if not _is_tied_alias(module, k)]
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint '{checkpoint_dir}' does not match the model of its config: "
-                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"checkpoint '{checkpoint_dir}' does not match the model of its config: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     hf_model = module.lm if cfg.run.task == "lm" else module.clip
     restore_hf_scalar_shapes(hf_model)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,9 +148,18 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     nets = tempnet_modules(module)
     if nets:
         save_tempnets(nets, out)
-    (out / "dist_tempnet_export.json").write_text(json.dumps(
-        {"checkpoint": str(checkpoint_dir), "step": meta["step"], "task": cfg.run.task, "method": cfg.loss.name,
-         "mlflow_run_id": meta.get("mlflow_run_id", "")}, indent=1))
+    (out / "dist_tempnet_export.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(checkpoint_dir),
+                "step": meta["step"],
+                "task": cfg.run.task,
+                "method": cfg.loss.name,
+                "mlflow_run_id": meta.get("mlflow_run_id", ""),
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -140,8 +168,11 @@ def _is_tied_alias(module: nn.Module, key: str) -> bool:
     if lm is None or not key.startswith("lm."):
         return False
     out_emb = lm.get_output_embeddings()
-    return out_emb is not None and out_emb.weight is lm.get_input_embeddings().weight and key.endswith(
-        "lm_head.weight")
+    return (
+        out_emb is not None
+        and out_emb.weight is lm.get_input_embeddings().weight
+        and key.endswith("lm_head.weight")
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -170,6 +201,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-to-mlflow", action="store_true")
     p.add_argument("--run-id", default="")
     p.add_argument("--tracking-uri", default="")
-    p.add_argument("--max-artifact-mb", type=float, default=200.0,
-                   help="larger exports are logged to MLflow by URI only")
+    p.add_argument(
+        "--max-artifact-mb", type=float, default=200.0, help="larger exports are logged to MLflow by URI only"
+    )
     p.set_defaults(fn=cmd_export)

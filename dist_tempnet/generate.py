@@ -48,8 +48,15 @@ def load_for_generation(model_dir: str | Path, device: str = "cpu"):
     return model, tokenizer, tempnet.to(device) if tempnet is not None else None
 
 
-def generate_text(model, tokenizer, tempnet: LMTempNet | None, prompt: str, max_new_tokens: int = 40,
-                  do_sample: bool = True, seed: int = 0) -> tuple[str, list[str], list[float]]:
+def generate_text(
+    model,
+    tokenizer,
+    tempnet: LMTempNet | None,
+    prompt: str,
+    max_new_tokens: int = 40,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> tuple[str, list[str], list[float]]:
     """(continuation, generated tokens, τ per generated token — empty without TempNet)."""
     from transformers import LogitsProcessorList
 
@@ -61,9 +68,17 @@ def generate_text(model, tokenizer, tempnet: LMTempNet | None, prompt: str, max_
         proc = TempNetLogitsProcessor(tempnet)
         processors.append(proc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=0, top_p=1.0,
-                         temperature=1.0, logits_processor=processors, pad_token_id=pad)
-    new_ids = out[0, enc["input_ids"].shape[1]:]
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        logits_processor=processors,
+        pad_token_id=pad,
+    )
+    new_ids = out[0, enc["input_ids"].shape[1] :]
     tokens = [tokenizer.decode([t]) for t in new_ids.tolist()]
     taus = [float(t[0]) for t in proc.taus][: len(tokens)] if proc else []
     return tokenizer.decode(new_ids, skip_special_tokens=True), tokens, taus
@@ -75,8 +90,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("(no TempNet in this export: generating at τ = 1)")
     if args.no_tempnet:
         tempnet = None
-    text, tokens, taus = generate_text(model, tokenizer, tempnet, args.prompt, args.max_new_tokens,
-                                       do_sample=not args.greedy, seed=args.seed)
+    text, tokens, taus = generate_text(
+        model, tokenizer, tempnet, args.prompt, args.max_new_tokens, do_sample=not args.greedy, seed=args.seed
+    )
     print(args.prompt + text)
     if args.show_tau and taus:
         print("\n".join(f"{tok!r:>20}  τ={tau:.4f}" for tok, tau in zip(tokens, taus)))
@@ -88,7 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="directory written by `dist-tempnet export`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (τ then does not change the output)")
+    p.add_argument(
+        "--greedy", action="store_true", help="argmax decoding (τ then does not change the output)"
+    )
     p.add_argument("--show-tau", action="store_true", help="print the τ of each generated token")
     p.add_argument("--no-tempnet", action="store_true", help="ignore the TempNet (τ = 1) for comparison")
     p.add_argument("--seed", type=int, default=0)

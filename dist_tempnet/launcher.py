@@ -36,7 +36,13 @@ class RunSummary:
         if "eval/zero_shot_acc" in m:
             chance = m.get("eval/zero_shot_chance", float("nan"))
             out.append(f"zero-shot accuracy (held-out): {m['eval/zero_shot_acc']:.3f} (chance {chance:.3f})")
-        for k in ("eval/i2t_recall_at_1", "eval/t2i_recall_at_1", "eval/ppl", "eval/ppl_tempnet", "eval/token_acc"):
+        for k in (
+            "eval/i2t_recall_at_1",
+            "eval/t2i_recall_at_1",
+            "eval/ppl",
+            "eval/ppl_tempnet",
+            "eval/token_acc",
+        ):
             if k in m:
                 out.append(f"{k.removeprefix('eval/')}: {m[k]:.4f}")
         if self.checkpoint:
@@ -59,8 +65,13 @@ def prepare_data(cfg: Config) -> None:
         )
     print(f"[dist-tempnet] building demo {cfg.run.task} dataset in {path} ...", flush=True)
     if cfg.run.task == "clip":
-        make_demo_clip_dataset(path, num_train=cfg.data.demo_num_train, num_eval=cfg.data.demo_num_eval,
-                               image_size=cfg.data.image_size, seed=cfg.run.seed)
+        make_demo_clip_dataset(
+            path,
+            num_train=cfg.data.demo_num_train,
+            num_eval=cfg.data.demo_num_eval,
+            image_size=cfg.data.image_size,
+            seed=cfg.run.seed,
+        )
     else:
         make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
 
@@ -96,8 +107,15 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
     }
-    for key in ("NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "MLFLOW_TRACKING_USERNAME",
-                "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_HUB_OFFLINE"):
+    for key in (
+        "NCCL_DEBUG",
+        "NCCL_SOCKET_IFNAME",
+        "NCCL_IB_DISABLE",
+        "MLFLOW_TRACKING_USERNAME",
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "HF_HUB_OFFLINE",
+    ):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -146,7 +164,9 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
         train_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=str(storage),

@@ -38,7 +38,11 @@ def resolve_tracking_uri(uri: str) -> str:
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd or Path(__file__).parent, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd or Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -100,8 +104,11 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - tracking must never kill training
             self.failures += 1
             if not self._warned:
-                warnings.warn(f"MLflow tracking failed ({type(exc).__name__}: {exc}); training continues, "
-                              "metrics are buffered and retried", stacklevel=3)
+                warnings.warn(
+                    f"MLflow tracking failed ({type(exc).__name__}: {exc}); training continues, "
+                    "metrics are buffered and retried",
+                    stacklevel=3,
+                )
                 self._warned = True
             return False
 
@@ -183,6 +190,8 @@ def start_run(cfg: Config, world_size: int) -> tuple[str, str]:
     }
     run = client.create_run(exp_id, tags=tags)
     tracker = Tracker(uri, run.info.run_id)
-    tracker.log_params(flatten(cfg.to_dict()) | {"world_size": world_size, "grad_accum_steps": cfg.grad_accum_steps})
+    tracker.log_params(
+        flatten(cfg.to_dict()) | {"world_size": world_size, "grad_accum_steps": cfg.grad_accum_steps}
+    )
     tracker.log_text(dump_config(cfg), "config.yaml")
     return uri, run.info.run_id

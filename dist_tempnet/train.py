@@ -78,7 +78,9 @@ def init_distributed() -> torch.device:
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -198,7 +200,8 @@ class Trainer:
         progress = ProgressLine(cfg.train.steps, self.task.unit, self.rank == 0)
         if self.rank == 0:
             print(
-                f"[dist-tempnet] {cfg.run.task}/{cfg.loss.name}: {self.world} worker(s), ZeRO-{cfg.deepspeed.zero_stage}, "
+                f"[dist-tempnet] {cfg.run.task}/{cfg.loss.name}: {self.world} worker(s), "
+                f"ZeRO-{cfg.deepspeed.zero_stage}, "
                 f"{cfg.train.precision}, global batch {cfg.train.global_batch_size}, "
                 f"accumulation {self.engine.gradient_accumulation_steps()}, {cfg.train.steps} steps",
                 flush=True,
@@ -253,8 +256,12 @@ class Trainer:
 
     def _on_nonfinite(self) -> None:
         if self.rank == 0:
-            print(f"[dist-tempnet] step {self.step}: non-finite loss, step skipped "
-                  f"({self.nonfinite_skipped} so far)", file=sys.stderr, flush=True)
+            print(
+                f"[dist-tempnet] step {self.step}: non-finite loss, step skipped "
+                f"({self.nonfinite_skipped} so far)",
+                file=sys.stderr,
+                flush=True,
+            )
         self.tracker.log_metrics({"nonfinite_skipped": float(self.nonfinite_skipped)}, self.step)
         if self.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
             self._checkpoint(final=False)
@@ -290,8 +297,11 @@ class Trainer:
             self.tracker.set_tags({"checkpoint_uri": path, "checkpoint_step": self.step})
         self.tracker.log_metrics({"checkpoint_save_s": seconds}, self.step)
         if self.rank == 0:
-            print(f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.1f}s"
-                  + (f" → {path}" if path else ""), flush=True)
+            print(
+                f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.1f}s"
+                + (f" → {path}" if path else ""),
+                flush=True,
+            )
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:

@@ -401,3 +401,76 @@ def test_sweep_parent_children_and_table(monkeypatch, tmp_path, capsys):
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "comparison")} >= {
         "comparison/table.csv"
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: a real 2×2 sweep (Ray + DeepSpeed + MLflow), then `compare` on its store
+
+
+@pytest.mark.slow
+def test_sweep_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tiny = [
+        "train.steps=4",
+        "train.log_every=2",
+        "train.warmup_steps=0",
+        "data.demo_num_train=512",
+        "data.demo_num_eval=128",
+        "eval.max_batches=1",
+        "ray.num_workers=1",
+        "train.global_batch_size=64",
+        "train.micro_batch_size=64",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dist_tempnet.cli",
+            "sweep",
+            "--name",
+            "e2e",
+            "--grid",
+            "loss.name=clip,isogclr_tempnet",
+            "run.seed=0,1",
+            "--set",
+            *tiny,
+            "--out",
+            "cmp",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = done.stdout[done.stdout.index("=== sweep e2e") :]
+    assert "loss.name=clip " in table and "loss.name=isogclr_tempnet " in table and " ± " in table
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "cmp" / "table.csv").read_text())))
+    assert [(r["method"], r["seed"], r["status"]) for r in rows] == [
+        ("clip", "0", "FINISHED"),
+        ("clip", "1", "FINISHED"),
+        ("isogclr_tempnet", "0", "FINISHED"),
+        ("isogclr_tempnet", "1", "FINISHED"),
+    ]
+    for r in rows:
+        assert r["world_size"] == "1" and r["last_step"] == "4"
+        assert 0.0 <= float(r["zero_shot_acc"]) <= 1.0 and float(r["i2t_recall@10"]) > 0
+        assert float(r["tau_min"]) <= float(r["tau_mean"]) * (1 + 1e-5)
+    tempnet_runs = [r for r in rows if r["method"] == "isogclr_tempnet"]
+    assert all(0.005 <= float(r["tau_min"]) and float(r["tau_max"]) <= 0.05 for r in tempnet_runs)
+    for png in ("loss_vs_step.png", "eval_vs_step.png", "tau_vs_step.png", "tau_histograms.png"):
+        assert (tmp_path / "cmp" / png).read_bytes()[:8] == PNG_MAGIC
+    again = subprocess.run(
+        [sys.executable, "-m", "dist_tempnet.cli", "compare", "--no-plots"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0 and again.stdout.count("FINISHED") == 4, again.stderr[-2000:]

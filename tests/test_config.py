@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from dist_tempnet.cli import main as cli_main
-from dist_tempnet.config import Config, ConfigError, config_from_dict, dump_config, load_config, parse_override
+from dist_tempnet.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,8 +30,16 @@ def test_shipped_configs_validate(path):
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(None, ["train.steps=50", "train.lr=1e-3", "loss.name=isogclr_tempnet", "ray.num_workers=1",
-                             "model.overrides={projection_dim: 32}"])
+    cfg = load_config(
+        None,
+        [
+            "train.steps=50",
+            "train.lr=1e-3",
+            "loss.name=isogclr_tempnet",
+            "ray.num_workers=1",
+            "model.overrides={projection_dim: 32}",
+        ],
+    )
     assert cfg.train.steps == 50 and cfg.train.lr == 1e-3 and cfg.loss.name == "isogclr_tempnet"
     assert cfg.model.overrides == {"projection_dim": 32}
     assert cfg.grad_accum_steps == 2

@@ -16,10 +16,25 @@ from dist_tempnet.config import load_config
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CLIP = ["train.steps=6", "train.log_every=2", "data.demo_num_train=512", "data.demo_num_eval=128",
-             "eval.max_batches=1", "ray.num_workers=2", "train.warmup_steps=2"]
-TINY_LM = ["train.steps=4", "train.log_every=2", "ray.num_workers=2", "train.global_batch_size=8",
-           "train.micro_batch_size=4", "eval.max_batches=2", "train.warmup_steps=1", "data.seq_len=64"]
+TINY_CLIP = [
+    "train.steps=6",
+    "train.log_every=2",
+    "data.demo_num_train=512",
+    "data.demo_num_eval=128",
+    "eval.max_batches=1",
+    "ray.num_workers=2",
+    "train.warmup_steps=2",
+]
+TINY_LM = [
+    "train.steps=4",
+    "train.log_every=2",
+    "ray.num_workers=2",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=4",
+    "eval.max_batches=2",
+    "train.warmup_steps=1",
+    "data.seq_len=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +72,11 @@ def _mlflow_run(summary):
 
 @pytest.mark.parametrize("zero_stage, loss", [(2, "clip"), (3, "isogclr_tempnet")])
 def test_clip_job_through_ray_deepspeed_mlflow(ray_session, workdir, zero_stage, loss):
-    cfg, summary = _run(None, TINY_CLIP + [f"deepspeed.zero_stage={zero_stage}", f"loss.name={loss}",
-                                           f"run.name=e2e-clip-z{zero_stage}"])
+    cfg, summary = _run(
+        None,
+        TINY_CLIP
+        + [f"deepspeed.zero_stage={zero_stage}", f"loss.name={loss}", f"run.name=e2e-clip-z{zero_stage}"],
+    )
     client, run = _mlflow_run(summary)
     assert run.info.status == "FINISHED"
     assert run.data.tags["zero_stage"] == str(zero_stage) and run.data.tags["world_size"] == "2"
@@ -96,18 +114,25 @@ def test_lm_three_modes_export_generate(ray_session, workdir):
     export = _lm_export(workdir, scratch, "scratch")
     assert (export / "config.json").is_file() and (export / "tempnet.safetensors").is_file()
 
-    _, finetune = _run(str(REPO / "configs" / "lm_tiny_finetune.yaml"),
-                       TINY_LM + ["run.name=e2e-lm-finetune", f"model.pretrained={export}"])
+    _, finetune = _run(
+        str(REPO / "configs" / "lm_tiny_finetune.yaml"),
+        TINY_LM + ["run.name=e2e-lm-finetune", f"model.pretrained={export}"],
+    )
     assert _mlflow_run(finetune)[1].info.status == "FINISHED"
 
-    _, frozen = _run(str(REPO / "configs" / "lm_tiny_tempnet_only.yaml"),
-                     TINY_LM + ["run.name=e2e-lm-frozen", f"model.pretrained={export}"])
+    _, frozen = _run(
+        str(REPO / "configs" / "lm_tiny_tempnet_only.yaml"),
+        TINY_LM + ["run.name=e2e-lm-frozen", f"model.pretrained={export}"],
+    )
     assert _mlflow_run(frozen)[1].info.status == "FINISHED"
     frozen_export = _lm_export(workdir, frozen, "frozen")
     # The frozen LM is bit-identical to the one it started from; its TempNet was trained.
     from safetensors.torch import load_file
 
-    before, after = load_file(str(export / "model.safetensors")), load_file(str(frozen_export / "model.safetensors"))
+    before, after = (
+        load_file(str(export / "model.safetensors")),
+        load_file(str(frozen_export / "model.safetensors")),
+    )
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     t0 = load_tempnets(export)["lm"].state_dict()

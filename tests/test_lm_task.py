@@ -30,9 +30,19 @@ def _trainer(cfg, tmp: str):
 
 
 def _tempnet_only_worker(rank: int, world: int, data: str, tmp: str, stage: int):
-    cfg = load_config(REPO / "configs" / "lm_tiny_tempnet_only.yaml", [
-        f"data.path={data}", "data.seq_len=32", f"ray.num_workers={world}", "train.global_batch_size=4",
-        "train.micro_batch_size=2", "train.steps=3", f"deepspeed.zero_stage={stage}", "mlflow.enabled=false"])
+    cfg = load_config(
+        REPO / "configs" / "lm_tiny_tempnet_only.yaml",
+        [
+            f"data.path={data}",
+            "data.seq_len=32",
+            f"ray.num_workers={world}",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "train.steps=3",
+            f"deepspeed.zero_stage={stage}",
+            "mlflow.enabled=false",
+        ],
+    )
     trainer = _trainer(cfg, tmp)
     module = trainer.engine.module
     before = {k: v.detach().clone() for k, v in module.lm.state_dict().items()}
@@ -44,7 +54,9 @@ def _tempnet_only_worker(rank: int, world: int, data: str, tmp: str, stage: int)
     assert optimized and not any(id(p) in lm_ids for p in optimized), "LM params must have no optimizer state"
     assert all(p.grad is None and not p.requires_grad for p in module.lm.parameters())
     same = all(torch.equal(before[k], v) for k, v in module.lm.state_dict().items())
-    tempnet_changed = any(not torch.equal(tempnet_before[k], v) for k, v in module.tempnet.state_dict().items())
+    tempnet_changed = any(
+        not torch.equal(tempnet_before[k], v) for k, v in module.tempnet.state_dict().items()
+    )
     return same, tempnet_changed
 
 
@@ -58,18 +70,34 @@ def test_tempnet_only_freezes_lm(text_data, tmp_path):
 def _grad_worker(rank: int, world: int, data: str, tmp: str, stage: int, loss: str):
     """One micro step on this rank's half of a fixed global batch; returns TempNet/LM grads after
     DeepSpeed's averaging (read back as full tensors)."""
-    cfg = load_config(REPO / "configs" / "lm_tiny_scratch.yaml", [
-        f"data.path={data}", "data.seq_len=32", f"ray.num_workers={world}", "train.global_batch_size=4",
-        f"train.micro_batch_size={4 // world}", "train.steps=1", f"deepspeed.zero_stage={stage}", "mlflow.enabled=false",
-        f"loss.name={loss}", "loss.tempnet_dropout=0.0", "train.lr=1e-2", "loss.tempnet_lr=1e-2",
-        "train.warmup_steps=0", "train.lr_schedule=constant", "train.grad_clip=0", "train.weight_decay=0"])
+    cfg = load_config(
+        REPO / "configs" / "lm_tiny_scratch.yaml",
+        [
+            f"data.path={data}",
+            "data.seq_len=32",
+            f"ray.num_workers={world}",
+            "train.global_batch_size=4",
+            f"train.micro_batch_size={4 // world}",
+            "train.steps=1",
+            f"deepspeed.zero_stage={stage}",
+            "mlflow.enabled=false",
+            f"loss.name={loss}",
+            "loss.tempnet_dropout=0.0",
+            "train.lr=1e-2",
+            "loss.tempnet_lr=1e-2",
+            "train.warmup_steps=0",
+            "train.lr_schedule=constant",
+            "train.grad_clip=0",
+            "train.weight_decay=0",
+        ],
+    )
     torch.manual_seed(0)
     trainer = _trainer(cfg, tmp)
     torch.manual_seed(1)
     ids = torch.randint(0, 200, (4, 33))
     ids[0, 5:20] = -100  # ignored labels make the ranks' valid-token counts differ
     per_rank = 4 // world
-    mine = ids[per_rank * rank: per_rank * (rank + 1)]
+    mine = ids[per_rank * rank : per_rank * (rank + 1)]
     batch = {"input_ids": mine.clamp_min(0), "sample_ids": torch.arange(per_rank), "loss_mask": mine >= 0}
     result = trainer.task.forward(trainer.engine, batch)
     trainer.engine.backward(result.loss)

@@ -21,8 +21,9 @@ def test_scalar_params_become_1d():
 
 
 def test_clip_tiny_has_no_0dim_params_and_encodes():
-    model = build_clip_model("clip_tiny", vocab_size=50, special_ids={"pad_token_id": 0, "eos_token_id": 3},
-                             max_text_len=16)
+    model = build_clip_model(
+        "clip_tiny", vocab_size=50, special_ids={"pad_token_id": 0, "eos_token_id": 3}, max_text_len=16
+    )
     assert all(p.dim() > 0 for p in model.parameters())
     ids = torch.randint(4, 50, (3, 16))
     ids[:, 7] = 3

@@ -214,6 +214,7 @@ class BatchStream:
         self.epoch = dataset.spec.epoch_start
         self._skipped_by_worker: dict[int, int] = {}
         self._source: Iterator[dict[str, Any]] | None = None
+        self._closed = False
 
     @property
     def corrupt_skipped(self) -> int:
@@ -237,6 +238,8 @@ class BatchStream:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if self._closed:
+            raise RuntimeError("this batch stream was closed; create a new one (e.g. with epoch_start)")
         if self._source is None:
             self._source = self._start()
         batch = next(self._source)
@@ -249,6 +252,7 @@ class BatchStream:
     def close(self) -> None:
         """Stop DataLoader workers (if any); the stream cannot be used afterwards."""
         source, self._source = self._source, None
+        self._closed = True
         shutdown = getattr(source, "_shutdown_workers", None)  # DataLoader iterator
         if shutdown is not None:
             shutdown()

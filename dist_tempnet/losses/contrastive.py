@@ -203,7 +203,10 @@ class _DROContrastiveLoss(nn.Module):
 
     u update: at a sample's first visit u = g, afterwards u ← (1−γ)·u + γ·g, where g is this step's
     batch estimate; the weights w and ∂F/∂τ of the CURRENT step use the UPDATED u (as iSogCLR does).
-    `gamma` may be changed between steps (e.g. `loss_fn.gamma = gamma_schedule(...)`).
+    `gamma` may be changed between steps (e.g. `loss_fn.gamma = gamma_schedule(...)`). Every call
+    updates the state of the samples it sees: call it once per training (micro-)step, not for
+    evaluation. Ids must lie in [0, num_samples); an id repeated in one global batch has each
+    occurrence weighted with its own g and keeps the last occurrence's u.
 
     The per-sample statistics live in `self.dro_state` (a `DROState`, sharded by id over ranks), a
     plain attribute rather than buffers, so a parent module's state_dict and DeepSpeed's parameter

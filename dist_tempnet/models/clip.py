@@ -14,24 +14,39 @@ CLIP_PRESETS: dict[str, dict[str, Any]] = {
     "clip_tiny": {
         "projection_dim": 64,
         "vision_config": {
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "patch_size": 8, "image_size": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "patch_size": 8,
+            "image_size": 32,
         },
         "text_config": {
-            "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "max_position_embeddings": 32,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
         },
     },
     # OpenAI ViT-B/32 shapes (151M parameters with the 49408-token vocabulary).
     "clip_vit_b32": {
         "projection_dim": 512,
         "vision_config": {
-            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-            "num_attention_heads": 12, "patch_size": 32, "image_size": 224,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "patch_size": 32,
+            "image_size": 224,
         },
         "text_config": {
-            "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
-            "num_attention_heads": 8, "max_position_embeddings": 77, "vocab_size": 49408,
+            "hidden_size": 512,
+            "intermediate_size": 2048,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 8,
+            "max_position_embeddings": 77,
+            "vocab_size": 49408,
         },
     },
 }
@@ -79,7 +94,9 @@ def build_clip_model(
     """A CLIPModel ready for DeepSpeed: scalars made 1-dim (see make_scalar_params_1d)."""
     if pretrained:
         path = require_pretrained_dir(pretrained)
-        model = CLIPModel.from_pretrained(str(path), attn_implementation=attn_implementation, local_files_only=True)
+        model = CLIPModel.from_pretrained(
+            str(path), attn_implementation=attn_implementation, local_files_only=True
+        )
     else:
         cfg = clip_config(preset, overrides, **config_kwargs)
         cfg._attn_implementation = attn_implementation
@@ -97,5 +114,7 @@ def encode_images(model: CLIPModel, pixel_values: torch.Tensor) -> torch.Tensor:
     return _pooled(model.get_image_features(pixel_values=pixel_values))
 
 
-def encode_texts(model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def encode_texts(
+    model: CLIPModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
     return _pooled(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask))

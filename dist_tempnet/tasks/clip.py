@@ -29,8 +29,12 @@ class CLIPTrainModule(nn.Module):
         self.clip = clip
         self.loss_fn = loss_fn
 
-    def embed(self, pixel_values: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
-              attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def embed(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         dtype = next(self.clip.parameters()).dtype
         img = txt = None
         if pixel_values is not None:
@@ -69,24 +73,31 @@ class CLIPTask:
         self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
         tok_path = cfg.data.tokenizer or self.train_manifest.tokenizer_path
         if not tok_path:
-            raise ValueError(f"data.tokenizer: no tokenizer configured and {self.train_manifest.path} names none")
+            raise ValueError(
+                f"data.tokenizer: no tokenizer configured and {self.train_manifest.path} names none"
+            )
         self.tokenizer = load_text_tokenizer(tok_path)
         clip = build_clip_model(
             cfg.model.preset,
             cfg.model.pretrained,
             cfg.model.overrides,
             attn_implementation=cfg.model.attn_implementation,
-            **({} if cfg.model.pretrained else {
-                "vocab_size": len(self.tokenizer),
-                "special_ids": _special_ids(self.tokenizer),
-                "image_size": cfg.data.image_size,
-                "max_text_len": cfg.data.max_text_len,
-            }),
+            **(
+                {}
+                if cfg.model.pretrained
+                else {
+                    "vocab_size": len(self.tokenizer),
+                    "special_ids": _special_ids(self.tokenizer),
+                    "image_size": cfg.data.image_size,
+                    "max_text_len": cfg.data.max_text_len,
+                }
+            ),
         )
         self.embed_dim = clip.config.projection_dim
         self.num_samples = self.train_manifest.id_stop
-        self.loss_fn = build_contrastive_loss(cfg.loss.name, num_samples=self.num_samples,
-                                              **loss_kwargs(cfg, self.embed_dim))
+        self.loss_fn = build_contrastive_loss(
+            cfg.loss.name, num_samples=self.num_samples, **loss_kwargs(cfg, self.embed_dim)
+        )
         self.module = CLIPTrainModule(clip, self.loss_fn)
         self._stream = None
         self._last_eval_tau: dict[str, torch.Tensor] = {}
@@ -98,17 +109,30 @@ class CLIPTask:
         skip = {id(p) for p in tempnet_params}
         groups = default_param_groups(self.module, self.cfg.train.weight_decay, skip=skip)
         if tempnet_params:
-            groups.append(ParamGroup("tempnet", tempnet_params, lr=self.cfg.loss.tempnet_lr,
-                                     weight_decay=self.cfg.loss.tempnet_weight_decay))
+            groups.append(
+                ParamGroup(
+                    "tempnet",
+                    tempnet_params,
+                    lr=self.cfg.loss.tempnet_lr,
+                    weight_decay=self.cfg.loss.tempnet_weight_decay,
+                )
+            )
         return groups
 
     def batches(self):
         d = self.cfg.data
         self._stream = clip_batches(
-            self.train_manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
-            world_size=self.world, tokenizer=self.tokenizer, image_size=d.image_size,
-            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed,
-            max_text_len=d.max_text_len, allow_corrupt=d.allow_corrupt,
+            self.train_manifest,
+            batch_size=self.cfg.train.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            tokenizer=self.tokenizer,
+            image_size=d.image_size,
+            num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=self.cfg.run.seed,
+            max_text_len=d.max_text_len,
+            allow_corrupt=d.allow_corrupt,
         )
         return self._stream
 
@@ -119,13 +143,16 @@ class CLIPTask:
         lo = self.cfg.loss
         if not hasattr(self.loss_fn, "gamma"):
             return {}
-        gamma = gamma_schedule(lo.gamma_schedule, lo.gamma, step, self.cfg.train.steps, gamma_min=lo.gamma_min)
+        gamma = gamma_schedule(
+            lo.gamma_schedule, lo.gamma, step, self.cfg.train.steps, gamma_min=lo.gamma_min
+        )
         self.loss_fn.gamma = gamma
         return {"gamma": gamma}
 
     def forward(self, engine, batch: dict[str, Any]) -> StepResult:
-        loss, image_tau, text_tau = engine(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                           batch["sample_ids"])
+        loss, image_tau, text_tau = engine(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"]
+        )
         metrics = {"loss": float(loss.detach())}
         metrics.update(_tau_stats(image_tau, "image"))
         metrics.update(_tau_stats(text_tau, "text"))
@@ -135,8 +162,12 @@ class CLIPTask:
         return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"data": {"samples_seen": getattr(self._stream, "samples_seen", 0),
-                                          "epoch": getattr(self._stream, "epoch", 0)}}
+        state: dict[str, Any] = {
+            "data": {
+                "samples_seen": getattr(self._stream, "samples_seen", 0),
+                "epoch": getattr(self._stream, "epoch", 0),
+            }
+        }
         dro = getattr(self.loss_fn, "dro_state", None)
         if dro is not None:
             state["dro_state"] = dro.state_dict()
@@ -169,9 +200,15 @@ class CLIPTask:
 
     def _evaluate(self, module: CLIPTrainModule, manifest) -> dict[str, float]:
         d = self.cfg.data
-        stream = eval_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
-                              world_size=self.world, tokenizer=self.tokenizer, image_size=d.image_size,
-                              max_text_len=d.max_text_len)
+        stream = eval_batches(
+            manifest,
+            batch_size=self.cfg.train.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            tokenizer=self.tokenizer,
+            image_size=d.image_size,
+            max_text_len=d.max_text_len,
+        )
         imgs, txts, labels = [], [], []
         limit = self.cfg.eval.max_batches
         for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
@@ -194,8 +231,9 @@ class CLIPTask:
         self._last_eval_tau = self._eval_tau(module, img_all, txt_all)
         return results
 
-    def _zero_shot(self, module: CLIPTrainModule, img_all: torch.Tensor, labels: torch.Tensor,
-                   meta: dict[str, Any]) -> float:
+    def _zero_shot(
+        self, module: CLIPTrainModule, img_all: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]
+    ) -> float:
         classes, templates = meta["class_names"], meta["prompt_templates"]
         prompts = [t.format(c) for c in classes for t in templates]
         enc = tokenize(self.tokenizer, prompts, self.cfg.data.max_text_len, self.device)
@@ -204,7 +242,9 @@ class CLIPTask:
         preds = (img_all @ class_emb.t()).argmax(dim=-1)
         return float((preds == labels.to(preds.device)).float().mean())
 
-    def _eval_tau(self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _eval_tau(
+        self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         loss_fn = module.loss_fn
         out = {}
         for side, feats in (("image", img), ("text", txt)):
@@ -237,7 +277,11 @@ def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:
     if tau is None or tau.numel() == 0:
         return {f"tau/{side}_mean": float("nan")}
     t = tau.detach().float()
-    return {f"tau/{side}_mean": float(t.mean()), f"tau/{side}_min": float(t.min()), f"tau/{side}_max": float(t.max())}
+    return {
+        f"tau/{side}_mean": float(t.mean()),
+        f"tau/{side}_min": float(t.min()),
+        f"tau/{side}_max": float(t.max()),
+    }
 
 
 def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:
@@ -250,10 +294,25 @@ def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:
         return {"init_tau": lo.init_tau, "learnable": True}
     common = {"gamma": lo.gamma, "state_device": state_device}
     if lo.name == "sogclr":
-        return common | {"init_tau": min(max(lo.init_tau, lo.tau_min), lo.tau_max), "learnable": False,
-                         "tau_min": lo.tau_min, "tau_max": lo.tau_max}
+        return common | {
+            "init_tau": min(max(lo.init_tau, lo.tau_min), lo.tau_max),
+            "learnable": False,
+            "tau_min": lo.tau_min,
+            "tau_max": lo.tau_max,
+        }
     if lo.name == "isogclr":
-        return common | {"rho": lo.rho, "tau_init": min(max(lo.init_tau, lo.tau_min), lo.tau_max),
-                         "tau_min": lo.tau_min, "tau_max": lo.tau_max, "tau_lr": lo.isogclr_tau_lr}
-    return common | {"rho": lo.rho, "embed_dim": embed_dim, "num_prototypes": lo.num_prototypes,
-                     "tau_min": lo.tau_min, "tau_max": lo.tau_max, "dropout": lo.tempnet_dropout}
+        return common | {
+            "rho": lo.rho,
+            "tau_init": min(max(lo.init_tau, lo.tau_min), lo.tau_max),
+            "tau_min": lo.tau_min,
+            "tau_max": lo.tau_max,
+            "tau_lr": lo.isogclr_tau_lr,
+        }
+    return common | {
+        "rho": lo.rho,
+        "embed_dim": embed_dim,
+        "num_prototypes": lo.num_prototypes,
+        "tau_min": lo.tau_min,
+        "tau_max": lo.tau_max,
+        "dropout": lo.tempnet_dropout,
+    }

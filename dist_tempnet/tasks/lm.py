@@ -19,7 +19,7 @@ from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
 from dist_tempnet.engine import ParamGroup, default_param_groups
 from dist_tempnet.evaluate import lockstep
-from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss
+from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.models.lm import build_causal_lm
 from dist_tempnet.tempnet import LMTempNet
 from dist_tempnet.train import StepResult
@@ -37,8 +37,15 @@ def final_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 class LMTrainModule(nn.Module):
     """What DeepSpeed wraps; forward returns (loss, tau or None, num_valid, plain CE)."""
 
-    def __init__(self, lm: nn.Module, tempnet: LMTempNet | None, loss_name: str, rho: float, chunk_size: int,
-                 frozen_lm: bool) -> None:
+    def __init__(
+        self,
+        lm: nn.Module,
+        tempnet: LMTempNet | None,
+        loss_name: str,
+        rho: float,
+        chunk_size: int,
+        frozen_lm: bool,
+    ) -> None:
         super().__init__()
         self.lm = lm
         self.tempnet = tempnet
@@ -47,7 +54,16 @@ class LMTrainModule(nn.Module):
         self.chunk_size = chunk_size
         self.frozen_lm = frozen_lm
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, loss_scale_count: torch.Tensor):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        loss_scale_count: torch.Tensor | None,
+        eval_sums: bool = False,
+    ):
+        if eval_sums:
+            # Inside forward so ZeRO-3 has gathered the head and TempNet weights used directly.
+            return self.eval_sums(input_ids, labels)
         if self.frozen_lm:
             with torch.no_grad():
                 hidden = final_hidden(self.lm, input_ids)
@@ -57,17 +73,40 @@ class LMTrainModule(nn.Module):
         if self.frozen_lm:
             weight = weight.detach()
         if self.loss_name == "ce":
-            loss = chunked_cross_entropy(hidden, weight, labels, chunk_size=self.chunk_size,
-                                         loss_scale_count=loss_scale_count)
+            loss = chunked_cross_entropy(
+                hidden, weight, labels, chunk_size=self.chunk_size, loss_scale_count=loss_scale_count
+            )
             return loss, None
-        out = tempnet_lm_loss(hidden, weight, labels, self.tempnet, self.rho, chunk_size=self.chunk_size,
-                              loss_scale_count=loss_scale_count)
+        out = tempnet_lm_loss(
+            hidden,
+            weight,
+            labels,
+            self.tempnet,
+            self.rho,
+            chunk_size=self.chunk_size,
+            loss_scale_count=loss_scale_count,
+        )
         return out.loss, out.tau
+
+    @torch.no_grad()
+    def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = final_hidden(self.lm, input_ids)
+        weight = head_weight(self.lm)
+        tau = None
+        if self.tempnet is not None:
+            tau = tempnet_tau_from_hidden(hidden.reshape(-1, hidden.shape[-1]), weight, self.tempnet)
+        return token_eval_sums(hidden, weight, labels, tau, self.chunk_size)
 
 
 @torch.no_grad()
-def token_eval_sums(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, tau: torch.Tensor | None,
-                    chunk_size: int, ignore_index: int = -100) -> torch.Tensor:
+def token_eval_sums(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    tau: torch.Tensor | None,
+    chunk_size: int,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """[nll at τ=1, nll at τ (TempNet), correct top-1, valid tokens] summed over tokens, chunked."""
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
@@ -101,9 +140,15 @@ class LMTask:
                 if getattr(self.tokenizer, name, None) is not None:
                     special[name] = int(getattr(self.tokenizer, name))
         lm = build_causal_lm(
-            cfg.model.preset, cfg.model.pretrained, cfg.model.overrides, attn_implementation=cfg.model.attn_implementation,
-            **({} if cfg.model.pretrained else {"vocab_size": len(self.tokenizer) if self.tokenizer else None,
-                                                 "special_ids": special}),
+            cfg.model.preset,
+            cfg.model.pretrained,
+            cfg.model.overrides,
+            attn_implementation=cfg.model.attn_implementation,
+            **(
+                {}
+                if cfg.model.pretrained
+                else {"vocab_size": len(self.tokenizer) if self.tokenizer else None, "special_ids": special}
+            ),
         )
         if cfg.train.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,8 +159,13 @@ class LMTask:
         lo = cfg.loss
         tempnet = None
         if lo.name == "tempnet":
-            tempnet = LMTempNet(vocab, hidden_size=lo.tempnet_hidden, tau_min=lo.tau_min, tau_max=lo.tau_max,
-                                dropout=lo.tempnet_dropout)
+            tempnet = LMTempNet(
+                vocab,
+                hidden_size=lo.tempnet_hidden,
+                tau_min=lo.tau_min,
+                tau_max=lo.tau_max,
+                dropout=lo.tempnet_dropout,
+            )
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
         self._stream = None
         self.last_tau: torch.Tensor | None = None
@@ -127,8 +177,14 @@ class LMTask:
         if not self.module.frozen_lm:
             groups += default_param_groups(self.module.lm, self.cfg.train.weight_decay)
         if self.module.tempnet is not None:
-            groups.append(ParamGroup("tempnet", list(self.module.tempnet.parameters()), lr=self.cfg.loss.tempnet_lr,
-                                     weight_decay=self.cfg.loss.tempnet_weight_decay))
+            groups.append(
+                ParamGroup(
+                    "tempnet",
+                    list(self.module.tempnet.parameters()),
+                    lr=self.cfg.loss.tempnet_lr,
+                    weight_decay=self.cfg.loss.tempnet_weight_decay,
+                )
+            )
         return groups
 
     def after_engine(self, engine) -> None:
@@ -146,8 +202,13 @@ class LMTask:
     def batches(self):
         d = self.cfg.data
         self._stream = token_batches(
-            self.train_manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank, world_size=self.world,
-            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed,
+            self.train_manifest,
+            batch_size=self.cfg.train.micro_batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            num_workers=d.num_workers,
+            shuffle_buffer=d.shuffle_buffer,
+            seed=self.cfg.run.seed,
             allow_corrupt=d.allow_corrupt,
         )
         return self._stream
@@ -175,15 +236,21 @@ class LMTask:
         loss, tau = engine(inputs, labels, scale)
         metrics = {"loss": float(loss.detach())}
         if tau is not None:
-            valid = (labels.reshape(-1) != -100)
+            valid = labels.reshape(-1) != -100
             t = tau[valid] if valid.any() else tau
-            metrics.update({"tau/mean": float(t.mean()), "tau/min": float(t.min()), "tau/max": float(t.max())})
+            metrics.update(
+                {"tau/mean": float(t.mean()), "tau/min": float(t.min()), "tau/max": float(t.max())}
+            )
             self.last_tau = t.detach().cpu()
         return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
-        return {"data": {"samples_seen": getattr(self._stream, "samples_seen", 0),
-                         "epoch": getattr(self._stream, "epoch", 0)}}
+        return {
+            "data": {
+                "samples_seen": getattr(self._stream, "samples_seen", 0),
+                "epoch": getattr(self._stream, "epoch", 0),
+            }
+        }
 
     def load_state(self, rank_files: list[Path], old_world: int) -> None:
         return None
@@ -201,27 +268,25 @@ class LMTask:
         module.eval()
         try:
             sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-            stream = eval_batches(manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank,
-                                        world_size=self.world)
+            stream = eval_batches(
+                manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank, world_size=self.world
+            )
             limit = self.cfg.eval.max_batches
             for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
                 ids = batch["input_ids"].to(self.device)
-                inputs, labels = ids[:, :-1], ids[:, 1:]
-                hidden = final_hidden(module.lm, inputs)
-                weight = head_weight(module.lm)
-                tau = None
-                if module.tempnet is not None:
-                    from dist_tempnet.losses.lm import tempnet_tau_from_hidden
-
-                    tau = tempnet_tau_from_hidden(hidden.reshape(-1, hidden.shape[-1]), weight, module.tempnet)
+                batch_sums = module(ids[:, :-1], ids[:, 1:], None, eval_sums=True)
                 if real and (not limit or i < limit):
-                    sums += token_eval_sums(hidden, weight, labels, tau, self.cfg.loss.chunk_size)
+                    sums += batch_sums
             sums = comm.all_reduce_sum(sums)
         finally:
             module.train(was_training)
         n = max(1.0, float(sums[3]))
-        results = {"eval/ppl": math.exp(float(sums[0]) / n), "eval/token_acc": float(sums[2]) / n,
-                   "eval/loss_ce": float(sums[0]) / n, "eval/tokens": float(sums[3])}
+        results = {
+            "eval/ppl": math.exp(float(sums[0]) / n),
+            "eval/token_acc": float(sums[2]) / n,
+            "eval/loss_ce": float(sums[0]) / n,
+            "eval/tokens": float(sums[3]),
+        }
         if module.tempnet is not None:
             results["eval/ppl_tempnet"] = math.exp(float(sums[1]) / n)
         return results

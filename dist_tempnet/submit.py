@@ -1,0 +1,307 @@
+"""`dist-tempnet submit`: run a command on a Ray cluster through the Ray Jobs API.
+
+    dist-tempnet submit [--address URL] [--no-wait] [--pip PKG ... | --image IMAGE] [--env KEY[=VALUE] ...]
+                        -- dist-tempnet train --config configs/clip_tiny.yaml train.steps=50
+
+`launch/submit.sh` is this command with the repository as working directory. What it sends:
+
+- working_dir: the repository (uploaded by Ray; .gitignore'd files and the virtualenv, data and run
+  directories are left out), prepended to the job's PYTHONPATH so the submitted code is what runs;
+- runtime env: `--pip` packages installed for the job, or `--image` (Ray's image_uri, needs podman
+  on the nodes), or neither when the nodes already have the package (our container image);
+- env_vars: DS_ACCELERATOR, NCCL_*, MLFLOW_TRACKING_URI and the MLflow/S3 credentials, copied from
+  the *submitting environment* (never read from files in the repository), plus `--env` entries;
+  only their names are printed;
+- token auth: `RAY_AUTH_MODE=token` is set when a token is available (RAY_AUTH_TOKEN,
+  RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), and Ray's client sends it as a bearer token.
+
+The entrypoint is checked before anything is uploaded: a `dist-tempnet` command must parse, and a
+`dist-tempnet train --config FILE ...` config must load and validate here. Then the job id is
+printed and its logs followed until it ends; the exit status is 0 only for SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import io
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_tempnet.config import Config, ConfigError, load_config
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Forwarded from the submitting environment when set there (names, or prefixes ending in "_").
+FORWARDED_ENV = (
+    "DS_ACCELERATOR",
+    "NCCL_",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "HF_HUB_OFFLINE",
+    "HF_TOKEN",
+)
+# Never uploaded: local environments, datasets, run outputs, local MLflow stores.
+UPLOAD_EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "data",
+    "runs",
+    "mlruns",
+    "mlartifacts",
+    "exports",
+    "*.db",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def forwarded_env(environ: dict[str, str], extra: list[str]) -> dict[str, str]:
+    """Variables to hand to the job: the known ones present in `environ`, then `--env` entries."""
+    env = {
+        key: value
+        for key, value in environ.items()
+        if any(key == name or (name.endswith("_") and key.startswith(name)) for name in FORWARDED_ENV)
+    }
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise ValueError(f"--env {item!r}: expected KEY or KEY=VALUE")
+        if sep:
+            env[key] = value
+        elif key in environ:
+            env[key] = environ[key]
+        else:
+            raise ValueError(f"--env {key}: not set in this environment (use --env {key}=VALUE)")
+    return env
+
+
+def has_auth_token(environ: dict[str, str]) -> bool:
+    if environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        return Path(path).expanduser().is_file()
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def enable_token_auth(environ: dict[str, str]) -> bool:
+    """Turn on Ray token auth for this client when a token exists and the mode is not set."""
+    if "RAY_AUTH_MODE" in environ:
+        return environ["RAY_AUTH_MODE"].lower() == "token"
+    if has_auth_token(environ):
+        environ["RAY_AUTH_MODE"] = "token"
+        return True
+    return False
+
+
+def build_runtime_env(
+    working_dir: Path | None, env_vars: dict[str, str], pip: list[str], image: str | None
+) -> dict[str, Any]:
+    if pip and image:
+        raise ValueError("--pip and --image are exclusive: an image brings its own packages")
+    runtime_env: dict[str, Any] = {}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(working_dir)
+        runtime_env["excludes"] = list(UPLOAD_EXCLUDES)
+    if pip:
+        runtime_env["pip"] = list(pip)
+    if image:
+        runtime_env["image_uri"] = image
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
+    return runtime_env
+
+
+# ---------------------------------------------------------------------------------------------
+# Entrypoint checks (shared with the Kubernetes manifest tests)
+
+
+def parse_cli_entrypoint(entrypoint: str) -> argparse.Namespace | None:
+    """Parse a `dist-tempnet ...` command line with the real parser; None for other commands.
+
+    Raises ValueError naming the problem when it is a dist-tempnet command that does not parse.
+    """
+    from dist_tempnet.cli import build_parser
+
+    argv = shlex.split(entrypoint)
+    if not argv or Path(argv[0]).name != "dist-tempnet":
+        return None
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            return build_parser().parse_args(argv[1:])
+    except SystemExit as exc:
+        detail = (errors.getvalue().strip().splitlines() or ["--help is not an entrypoint"])[-1]
+        raise ValueError(f"entrypoint {entrypoint!r} is not a valid dist-tempnet command: {detail}") from exc
+
+
+def check_entrypoint(entrypoint: str, resolve_config=None) -> Config | None:
+    """Validate a `dist-tempnet train|plan ...` entrypoint's config; returns it (None if no config).
+
+    `resolve_config(path) -> local path` maps the config path the job will see to one readable
+    here (e.g. the repository, or a ConfigMap's file); by default the path is used as is.
+    """
+    args = parse_cli_entrypoint(entrypoint)
+    if args is None or not hasattr(args, "overrides"):
+        return None
+    config = getattr(args, "config", None)
+    local = resolve_config(config) if (config and resolve_config) else config
+    return load_config(local, args.overrides)
+
+
+def warn_about_paths(cfg: Config | None, env_vars: dict[str, str]) -> list[str]:
+    """Relative paths land in the job's throwaway working directory on the cluster."""
+    if cfg is None:
+        return []
+    warnings = []
+    if not cfg.mlflow.tracking_uri and "MLFLOW_TRACKING_URI" not in env_vars and cfg.mlflow.enabled:
+        warnings.append(
+            "no MLflow tracking URI (mlflow.tracking_uri or MLFLOW_TRACKING_URI): the run is recorded "
+            "in a SQLite file inside the job's temporary working directory"
+        )
+    if not Path(cfg.run.output_dir).is_absolute():
+        warnings.append(
+            f"run.output_dir={cfg.run.output_dir!r} is relative: checkpoints stay in the job's "
+            "temporary working directory; use a shared absolute path on a real cluster"
+        )
+    return warnings
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission
+
+
+def follow_logs(client, job_id: str) -> None:
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def wait_for_end(client, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
+    """Final status; tail_job_logs can end a moment before the status turns terminal."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = str(client.get_job_status(job_id)).split(".")[-1]
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            return status
+        time.sleep(poll_s)
+
+
+def submit(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    entrypoint = shlex.join(args.entrypoint)
+    if not entrypoint:
+        raise SystemExit(
+            "dist-tempnet submit: give the command to run after --, e.g. "
+            "-- dist-tempnet train --config configs/clip_tiny.yaml"
+        )
+    working_dir = Path(args.working_dir).resolve() if args.working_dir else None
+
+    def in_working_dir(path: str) -> str:
+        return str(working_dir / path) if working_dir and not Path(path).is_absolute() else path
+
+    try:
+        env_vars = forwarded_env(dict(environ), args.env)
+        cfg = check_entrypoint(entrypoint, in_working_dir)
+        runtime_env = build_runtime_env(working_dir, env_vars, args.pip, args.image)
+    except (ValueError, ConfigError) as exc:
+        print(f"dist-tempnet submit: {exc}", file=sys.stderr)
+        return 2
+    for warning in warn_about_paths(cfg, env_vars):
+        print(f"dist-tempnet submit: warning: {warning}", file=sys.stderr)
+
+    token = enable_token_auth(environ)
+    address = args.address or environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    job_id = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        submission_id=args.submission_id,
+        entrypoint_num_cpus=args.entrypoint_num_cpus,
+        metadata={"submitted_by": "dist-tempnet submit"},
+    )
+    env_names = ", ".join(sorted(env_vars)) or "none"
+    print(
+        f"submitted job {job_id} to {address} (token auth {'on' if token else 'off'}; env: {env_names})",
+        flush=True,
+    )
+    print(f"JOB_ID={job_id}", flush=True)
+    if args.no_wait:
+        print(
+            f"follow it with:  ray job logs --address {address} -f {job_id}\n"
+            f"status:          ray job status --address {address} {job_id}\n"
+            f"stop:            ray job stop --address {address} {job_id}"
+        )
+        return 0
+    try:
+        follow_logs(client, job_id)
+        status = wait_for_end(client, job_id)
+    except KeyboardInterrupt:
+        print(
+            f"\nstopped following; the job keeps running (ray job stop --address {address} {job_id})",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"job {job_id}: {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "submit",
+        help="submit a command to a Ray cluster (Ray Jobs API, token auth) and follow its logs",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--address", default=None, help=f"Jobs API address (default: RAY_ADDRESS or {DEFAULT_ADDRESS})"
+    )
+    p.add_argument("--working-dir", default=None, help="directory uploaded as the job's working dir")
+    p.add_argument(
+        "--pip", action="append", default=[], metavar="PKG", help="pip package for the job (repeatable)"
+    )
+    p.add_argument("--image", default=None, help="container image for the job (Ray image_uri; needs podman)")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="extra environment variable for the job; KEY alone copies it from this environment",
+    )
+    p.add_argument("--submission-id", default=None, help="job id to use (default: generated by Ray)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the driver")
+    p.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return without following logs"
+    )
+    p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="the command to run, after --")
+    p.set_defaults(fn=_cmd_submit)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    if args.entrypoint and args.entrypoint[0] == "--":
+        args.entrypoint = args.entrypoint[1:]
+    return submit(args)

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# A local Ray head on 127.0.0.1 with token authentication, for trying `launch/submit.sh`.
+#
+#   launch/local_cluster.sh start     # start the head (generates ~/.ray/auth_token if missing)
+#   launch/local_cluster.sh status    # is it up? (ray status + the job list)
+#   launch/local_cluster.sh stop      # stop exactly the processes this script started
+#
+# Settings (environment): DT_RAY_PORT (GCS, default 6379), DT_DASHBOARD_PORT (Jobs API/dashboard,
+# default 8265), DT_NUM_CPUS (default: all cores), DT_RAY_TEMP_DIR (Ray session files, default
+# /tmp/dt_ray_<port>), DT_CLUSTER_STATE (pid/log files, default ~/.cache/dist_tempnet/ray-<port>).
+#
+# The head runs as `ray start --block` in its own process group, so `stop` signals that group
+# only and leaves any other Ray on this machine alone (`ray stop` would kill every Ray of the user).
+set -euo pipefail
+
+port="${DT_RAY_PORT:-6379}"
+dashboard_port="${DT_DASHBOARD_PORT:-8265}"
+num_cpus="${DT_NUM_CPUS:-$(nproc)}"
+temp_dir="${DT_RAY_TEMP_DIR:-/tmp/dt_ray_${port}}"
+state="${DT_CLUSTER_STATE:-${XDG_CACHE_HOME:-$HOME/.cache}/dist_tempnet/ray-${port}}"
+pid_file="$state/head.pid"
+log_file="$state/head.log"
+address="http://127.0.0.1:${dashboard_port}"
+
+# Token auth everywhere: the head, its job drivers (they inherit this environment) and clients.
+export RAY_AUTH_MODE=token
+
+die() { echo "local_cluster.sh: $*" >&2; exit 1; }
+
+find_ray() {
+    if command -v ray >/dev/null 2>&1; then command -v ray; return; fi
+    local repo_ray
+    repo_ray="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/ray"
+    [[ -x "$repo_ray" ]] || die "'ray' not found: activate the project's virtual environment (ray[default] is needed)"
+    echo "$repo_ray"
+}
+
+head_pid() {
+    [[ -f "$pid_file" ]] || return 1
+    local pid
+    pid="$(cat "$pid_file")"
+    kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+ensure_token() {
+    # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH win over the file; only generate when there is nothing.
+    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -s "$HOME/.ray/auth_token" ]]; then
+        return
+    fi
+    "$RAY" get-auth-token --generate >/dev/null
+    echo "generated a Ray auth token in $HOME/.ray/auth_token"
+}
+
+auth_header() {
+    # `ray get-auth-token` resolves RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH and ~/.ray/auth_token like Ray does.
+    echo "Authorization: Bearer $("$RAY" get-auth-token 2>/dev/null)"
+}
+
+wait_for_jobs_api() {
+    local deadline=$((SECONDS + ${DT_START_TIMEOUT:-180})) header
+    header="$(auth_header)"
+    until curl -fsS -o /dev/null -H "$header" "$address/api/version" 2>/dev/null; do
+        if ! head_pid >/dev/null; then
+            tail -n 40 "$log_file" >&2 || true
+            die "the Ray head exited during startup (log: $log_file)"
+        fi
+        (( SECONDS < deadline )) || die "the Jobs API at $address did not come up (log: $log_file)"
+        sleep 1
+    done
+}
+
+start() {
+    if pid="$(head_pid)"; then
+        echo "a head started by this script is already running (pid $pid, $address)"
+        return
+    fi
+    mkdir -p "$state"
+    ensure_token
+    # setsid: the head and everything it spawns share a new process group we can stop as a unit.
+    setsid "$RAY" start --head --block \
+        --node-ip-address 127.0.0.1 --port "$port" \
+        --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
+        --num-cpus "$num_cpus" --temp-dir "$temp_dir" --disable-usage-stats \
+        --ray-client-server-port "${DT_CLIENT_PORT:-$((port + 1))}" \
+        >"$log_file" 2>&1 < /dev/null &
+    echo $! >"$pid_file"
+    wait_for_jobs_api
+    echo "Ray head up: GCS 127.0.0.1:$port, Jobs API $address, $num_cpus CPUs, token auth on"
+    echo "use it with:  export RAY_ADDRESS=$address RAY_AUTH_MODE=token"
+}
+
+stop() {
+    local pid
+    if ! pid="$(head_pid)"; then
+        rm -f "$pid_file"
+        echo "no head started by this script is running"
+        return
+    fi
+    # The group id is the head's pid (setsid made it a group leader).
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 15); do
+        pgrep -g "$pid" >/dev/null 2>&1 || break
+        sleep 1
+    done
+    if pgrep -g "$pid" >/dev/null 2>&1; then
+        echo "still running after SIGTERM: $(pgrep -g "$pid" -d ' ' -l | head -c 300); sending SIGKILL" >&2
+        kill -KILL -- "-$pid" 2>/dev/null || true
+    fi
+    rm -f "$pid_file"
+    echo "Ray head stopped (process group $pid)"
+}
+
+status() {
+    local pid
+    if ! pid="$(head_pid)"; then
+        echo "not running"
+        return 1
+    fi
+    echo "running: pid $pid, GCS 127.0.0.1:$port, Jobs API $address"
+    "$RAY" status --address "127.0.0.1:$port" || true
+    RAY_ADDRESS="$address" "$RAY" job list 2>/dev/null || true
+}
+
+RAY="$(find_ray)"
+case "${1:-}" in
+    start) start ;;
+    stop) stop ;;
+    status) status ;;
+    *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
