@@ -130,7 +130,8 @@ def run_worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         if i > 0:  # the first run is a warm-up
             times.append(time.perf_counter() - start)
-    print(json.dumps({"peak_bytes": memory.peak_extra_bytes(), "times": times}))
+    env = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    print(json.dumps({"peak_bytes": memory.peak_extra_bytes(), "times": times, "env": env}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +160,9 @@ def _ratio(a: dict, b: dict, key: str) -> str:
 
 def report(size: tuple[int, int, int], results: dict[str, dict], args: argparse.Namespace) -> None:
     n, vocab, d = size
+    env = next((res["env"] for res in results.values() if "env" in res), "")
     print(f"\nN={n} V={vocab} d={d} {args.dtype} {args.device} chunk_size={args.chunk_size} "
-          f"(median of {args.repeats} after 1 warm-up)")
+          f"(median of {args.repeats} after 1 warm-up; {env})")
     print(f"{'variant':<12} {'peak extra MiB':>15} {'median s':>10}  what")
     for variant, res in results.items():
         if "error" in res:

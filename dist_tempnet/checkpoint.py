@@ -3,17 +3,28 @@
 Layout of one checkpoint directory:
 
     deepspeed/<tag>/...     engine.save_checkpoint (model, optimizer, scheduler; per-rank shards)
-    rank_<r>.pt             this rank's task state (DRO state shard, data position) and RNG states
-    meta.json               step, world size, tag, config, metrics, MLflow run id
-    COMPLETE                written last: a directory without it is never loaded
+    rank_<r>.pt             this rank's task state (DRO state shard, exact data position) and RNG states
+    meta.json               step, world size, tag, config, metrics, MLflow run id and tracking URI
+    files_rank_<r>.json     every file rank r wrote, with its size (written after them)
+    COMPLETE                written by rank 0 after its own files
 
-DeepSpeed keeps `client_state` for every rank only under ZeRO-3, hence our own rank files.
+A directory counts as a checkpoint only when `is_complete` holds: COMPLETE, meta.json, and for each
+of the `world_size` ranks its file list with every listed file present at the listed size. Under
+Ray, ranks upload their files independently, so a rank killed mid-save leaves a directory that has
+rank 0's COMPLETE but not the other lists: it is never loaded nor picked as the latest.
+
+DeepSpeed keeps `client_state` for every rank only under ZeRO-3, hence our own rank files. ZeRO-1/2
+optimizer state is saved in DeepSpeed's "elastic" layout (train.py turns it on), which DeepSpeed
+re-partitions when a run resumes on another number of workers.
 
 Two sinks. Under Ray Train V2 every rank saves into its own temporary directory and reports it
 (`ray.train.report(..., checkpoint=Checkpoint.from_directory(d))`); Ray merges the ranks' files
 into one persisted checkpoint and hands it back through `ray.train.get_checkpoint()` on restart.
 Without Ray, checkpoints go to `<output_dir>/<run name>/checkpoints/step_<n>` on a shared path,
 written under a temporary name and renamed once complete.
+
+Fault injection for tests (`DIST_TEMPNET_FAULT`, see `FaultPlan`) lives here because both the loop
+and the save path use it.
 """
 
 from __future__ import annotations
@@ -22,7 +33,11 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +49,8 @@ from dist_tempnet import comm
 from dist_tempnet.config import Config
 
 COMPLETE = "COMPLETE"
+META = "meta.json"
+FAULT_ENV = "DIST_TEMPNET_FAULT"
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,6 +82,107 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# -- fault injection (tests) ------------------------------------------------------------------
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a `crash_in_save_step` fault."""
+
+
+@dataclass
+class FaultPlan:
+    """Faults a test asks for through `DIST_TEMPNET_FAULT="key=value,..."`:
+
+    - `kill_rank=R,step=S`: rank R SIGKILLs itself right after optimizer step S (before any
+      checkpoint of that step);
+    - `crash_in_save_step=K`: every rank (or only `rank=R`) raises inside the save of step K, after
+      DeepSpeed and the rank files are written but before the checkpoint is marked complete;
+    - `nan_step=K`: the loss of step K is NaN; `nan_from_step=K`: every loss from step K on;
+    - `once_file=PATH`: each fault fires once per rank (PATH.rank<r> records it, with the time),
+      so the restarted workers run clean.
+    """
+
+    kill_rank: int | None = None
+    kill_step: int | None = None
+    crash_in_save_step: int | None = None
+    crash_rank: int | None = None
+    nan_step: int | None = None
+    nan_from_step: int | None = None
+    once_file: str = ""
+
+    @classmethod
+    def from_env(cls) -> FaultPlan:
+        spec = os.environ.get(FAULT_ENV, "").strip()
+        if not spec:
+            return cls()
+        raw = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
+        ints = {k: int(v) for k, v in raw.items() if k != "once_file"}
+        unknown = set(raw) - {"kill_rank", "step", "crash_in_save_step", "rank", "nan_step", "nan_from_step",
+                              "once_file"}
+        if unknown:
+            raise ValueError(f"{FAULT_ENV}: unknown keys {sorted(unknown)} in {spec!r}")
+        return cls(
+            kill_rank=ints.get("kill_rank"),
+            kill_step=ints.get("step"),
+            crash_in_save_step=ints.get("crash_in_save_step"),
+            crash_rank=ints.get("rank"),
+            nan_step=ints.get("nan_step"),
+            nan_from_step=ints.get("nan_from_step"),
+            once_file=raw.get("once_file", ""),
+        )
+
+    def _claim(self, rank: int) -> bool:
+        """True the first time this rank fires (always without a once_file)."""
+        if not self.once_file:
+            return True
+        marker = f"{self.once_file}.rank{rank}"
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump({"fired_unix": time.time(), "rank": rank}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    def after_step(self, step: int, rank: int) -> None:
+        if self.kill_step == step and self.kill_rank == rank and self._claim(rank):
+            print(f"[dist-tempnet] fault injection: SIGKILL rank {rank} after step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def in_save(self, step: int, rank: int) -> None:
+        if self.crash_in_save_step != step or self.crash_rank not in (None, rank):
+            return
+        if self._claim(rank):
+            raise InjectedFault(f"fault injection: crash inside the checkpoint save of step {step}")
+
+    def poisons_loss(self, step: int) -> bool:
+        return self.nan_step == step or (self.nan_from_step is not None and step >= self.nan_from_step)
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _owner_of(name: str, world: int) -> int:
+    """Which rank wrote a DeepSpeed file: ZeRO shards carry `zero_pp_rank_<r>_`, the rest is rank 0's."""
+    for r in range(world):
+        if f"zero_pp_rank_{r}_" in name:
+            return r
+    return 0
+
+
+def _list_own_files(directory: Path, rank: int, world: int) -> dict[str, int]:
+    files = {f"rank_{rank}.pt": (directory / f"rank_{rank}.pt").stat().st_size}
+    if rank == 0:
+        files[META] = (directory / META).stat().st_size
+    ds_root = directory / "deepspeed"
+    for path in sorted(p for p in ds_root.rglob("*") if p.is_file()):
+        if _owner_of(path.name, world) == rank and not path.name.endswith(".tmp"):
+            files[str(path.relative_to(directory))] = path.stat().st_size
+    return files
+
+
 def write_rank_files(
     directory: Path,
     engine,
@@ -73,33 +191,97 @@ def write_rank_files(
     config: dict[str, Any],
     metrics: dict[str, float],
     extra: dict[str, Any],
+    fault: FaultPlan | None = None,
 ) -> str:
-    """Every rank calls this with its own (or a shared) directory; returns the DeepSpeed tag."""
+    """Every rank calls this with its own (or a shared) directory; returns the DeepSpeed tag.
+
+    The rank's file list is written last: until it exists the rank's part is not complete.
+    """
     tag = f"step_{step:08d}"
     rank, world = comm.rank(), comm.world_size()
     engine.save_checkpoint(str(directory / "deepspeed"), tag=tag, save_latest=True)
-    rank_file = directory / f"rank_{rank}.pt"
-    buf = tempfile.SpooledTemporaryFile()
-    torch.save({"task": task_state, "rng": rng_state(), "step": step, "rank": rank, "world_size": world}, buf)
-    buf.seek(0)
-    _atomic_write_bytes(rank_file, buf.read())
+    payload = {"task": task_state, "rng": rng_state(), "step": step, "rank": rank, "world_size": world}
+    with tempfile.SpooledTemporaryFile() as buf:
+        torch.save(payload, buf)
+        buf.seek(0)
+        _atomic_write_bytes(directory / f"rank_{rank}.pt", buf.read())
     if rank == 0:
         meta = {"step": step, "tag": tag, "world_size": world, "config": config, "metrics": metrics, **extra}
-        _atomic_write_bytes(directory / "meta.json", json.dumps(meta, indent=1, default=str).encode())
+        _atomic_write_bytes(directory / META, json.dumps(meta, indent=1, default=str).encode())
+    (fault or FaultPlan()).in_save(step, rank)
+    files = _list_own_files(directory, rank, world)
+    _atomic_write_bytes(directory / f"files_rank_{rank}.json", json.dumps(files, indent=1).encode())
     return tag
 
 
+# -- reading ----------------------------------------------------------------------------------
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
-    meta_path = directory / "meta.json"
+    directory = Path(directory)
+    meta_path = directory / META
     if not (directory / COMPLETE).is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete (no {COMPLETE} marker or meta.json)")
+        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete (no {COMPLETE} marker or {META})")
     return json.loads(meta_path.read_text())
 
 
-def load_into(directory: Path, engine, task) -> dict[str, Any]:
-    """Load a complete checkpoint directory into the engine and the task (all ranks)."""
-    meta = read_meta(directory)
-    rank = comm.rank()
+def missing_parts(directory: Path) -> list[str]:
+    """What keeps `directory` from being a complete checkpoint (empty: it is complete)."""
+    directory = Path(directory)
+    try:
+        meta = read_meta(directory)
+    except (FileNotFoundError, json.JSONDecodeError) as exc:
+        return [str(exc)]
+    problems = []
+    for rank in range(int(meta["world_size"])):
+        listing = directory / f"files_rank_{rank}.json"
+        if not listing.is_file():
+            problems.append(f"{listing.name} (rank {rank} did not finish its save)")
+            continue
+        for rel, size in json.loads(listing.read_text()).items():
+            path = directory / rel
+            if not path.is_file():
+                problems.append(f"{rel} (missing)")
+            elif path.stat().st_size != size:
+                problems.append(f"{rel} ({path.stat().st_size} bytes, expected {size})")
+    return problems
+
+
+def is_complete(directory: Path) -> bool:
+    return Path(directory).is_dir() and not missing_parts(directory)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete `step_*` checkpoints directly under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if is_complete(p)), key=lambda p: p.name)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
+
+
+def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
+    """The `task` part of every old rank's file, in rank order."""
+    return [torch.load(p, map_location="cpu", weights_only=False)["task"] for p in rank_files]
+
+
+def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
+    old_world, world = int(meta["world_size"]), comm.world_size()
+    stage = int(meta["config"]["deepspeed"]["zero_stage"])
+    if old_world != world and stage == 3:
+        raise RuntimeError(
+            f"checkpoint '{directory}' was saved by {old_world} ZeRO-3 workers and this run has {world}: "
+            "DeepSpeed 0.19.8 cannot re-partition ZeRO-3 state on load. Resume with "
+            f"ray.num_workers={old_world}, or convert the checkpoint with DeepSpeed's ds_to_universal."
+        )
     load_path, _ = engine.load_checkpoint(
         str(directory / "deepspeed"),
         tag=meta["tag"],
@@ -110,19 +292,42 @@ def load_into(directory: Path, engine, task) -> dict[str, Any]:
         raise FileNotFoundError(
             f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
         )
+
+
+def load_into(directory: Path, engine, task) -> dict[str, Any]:
+    """Load a complete checkpoint directory into the engine and the task (all ranks).
+
+    With another world size than the checkpoint's, DeepSpeed re-partitions the (elastic) ZeRO-1/2
+    optimizer state, the task re-shards its DRO state and remaps its data position; RNG states are
+    restored only for the same world size (they are per rank).
+    """
+    directory = Path(directory)
+    problems = missing_parts(directory)
+    if problems:
+        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete: {', '.join(problems[:5])}")
+    meta = read_meta(directory)
+    _load_engine(directory, meta, engine)
     old_world = int(meta["world_size"])
     rank_files = [directory / f"rank_{r}.pt" for r in range(old_world)]
-    missing = [str(p) for p in rank_files if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"checkpoint '{directory}' lacks rank files {missing}")
     task.load_state(rank_files, old_world)
-    own = directory / f"rank_{rank}.pt"
-    if old_world == comm.world_size() and own.is_file():
+    own = directory / f"rank_{comm.rank()}.pt"
+    if old_world == comm.world_size():
         set_rng_state(torch.load(own, weights_only=False)["rng"])
     return meta | {"path": str(directory)}
 
 
+# -- sinks ------------------------------------------------------------------------------------
+
+
 class CheckpointSink:
+    """Where checkpoints go and where a (re)started run finds the one to continue from.
+
+    `resume_from` is an explicit checkpoint (manual resume); checkpoints this run wrote itself
+    (a restart after a failure) take precedence over it.
+    """
+
+    resume_from: Path | None = None
+
     def save(
         self,
         engine,
@@ -137,19 +342,25 @@ class CheckpointSink:
     def load_latest(self, engine, task) -> dict[str, Any] | None:
         raise NotImplementedError
 
+    def _load_explicit(self, engine, task) -> dict[str, Any] | None:
+        if self.resume_from is None:
+            return None
+        return load_into(self.resume_from, engine, task) | {"resume_kind": "manual"}
+
 
 class LocalSink(CheckpointSink):
     """Checkpoints on a path all ranks share; keeps the newest `keep_last`."""
 
-    def __init__(self, root: Path, keep_last: int) -> None:
-        self.root = root
+    def __init__(
+        self, root: Path, keep_last: int, resume_from: Path | None = None, fault: FaultPlan | None = None
+    ) -> None:
+        self.root = Path(root)
         self.keep_last = keep_last
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.fault = fault or FaultPlan()
 
     def complete_checkpoints(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        done = [p for p in self.root.glob("step_*") if (p / COMPLETE).is_file()]
-        return sorted(done, key=lambda p: p.name)
+        return complete_checkpoints(self.root)
 
     def save(self, engine, step, task_state, config, metrics, extra) -> str:
         final = self.root / f"step_{step:08d}"
@@ -158,32 +369,45 @@ class LocalSink(CheckpointSink):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         _barrier()
-        write_rank_files(staging, engine, step, task_state, config, metrics, extra)
+        write_rank_files(staging, engine, step, task_state, config, metrics, extra, self.fault)
         _barrier()
         if comm.rank() == 0:
             (staging / COMPLETE).write_text(str(step))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
-            for old in self.complete_checkpoints()[: -self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._apply_retention()
         _barrier()
         return str(final)
 
+    def _apply_retention(self) -> None:
+        for old in self.complete_checkpoints()[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        # Staging directories of crashed saves: never complete, never loaded, only in the way.
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
     def load_latest(self, engine, task) -> dict[str, Any] | None:
+        # Without Ray nothing restarts a run by itself: an explicit resume wins over the run's own.
+        if self.resume_from is not None:
+            return self._load_explicit(engine, task)
         found = self.complete_checkpoints()
-        return load_into(found[-1], engine, task) if found else None
+        return load_into(found[-1], engine, task) | {"resume_kind": "restart"} if found else None
 
 
 class RaySink(CheckpointSink):
     """Ray Train V2: per-rank temporary directories merged by Ray on report."""
+
+    def __init__(self, resume_from: Path | None = None, fault: FaultPlan | None = None) -> None:
+        self.resume_from = Path(resume_from) if resume_from else None
+        self.fault = fault or FaultPlan()
 
     def save(self, engine, step, task_state, config, metrics, extra) -> str:
         import ray.train
 
         with tempfile.TemporaryDirectory(prefix="dist-tempnet-ckpt-") as tmp:
             directory = Path(tmp)
-            write_rank_files(directory, engine, step, task_state, config, metrics, extra)
+            write_rank_files(directory, engine, step, task_state, config, metrics, extra, self.fault)
             if comm.rank() == 0:
                 (directory / COMPLETE).write_text(str(step))
             _barrier()
@@ -198,18 +422,71 @@ class RaySink(CheckpointSink):
     def load_latest(self, engine, task) -> dict[str, Any] | None:
         import ray.train
 
+        # A fresh Ray run (launcher gives manual resumes a new Ray run name) has no checkpoint of
+        # its own until its first report, so a non-None one means a restart after a failure.
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return None
+            return self._load_explicit(engine, task)
         with checkpoint.as_directory() as d:
-            return load_into(Path(d), engine, task)
+            return load_into(Path(d), engine, task) | {"resume_kind": "restart"}
 
 
 def make_sink(cfg: Config, loop_config: dict[str, Any]) -> CheckpointSink:
+    resume_from = loop_config.get("resume_from") or None
+    fault = FaultPlan.from_env()
     if loop_config.get("ray"):
-        return RaySink()
+        return RaySink(resume_from, fault)
     root = Path(
         loop_config.get("checkpoint_root")
         or Path(cfg.run.output_dir).resolve() / cfg.run.name / "checkpoints"
     )
-    return LocalSink(root, cfg.checkpoint.keep_last)
+    return LocalSink(root, cfg.checkpoint.keep_last, resume_from, fault)
+
+
+# -- finding what to resume -------------------------------------------------------------------
+
+
+def _checkpoint_in_dir(path: Path) -> Path:
+    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
+    if (path / META).is_file() or (path / COMPLETE).is_file():
+        problems = missing_parts(path)
+        if problems:
+            raise FileNotFoundError(f"checkpoint '{path}' is incomplete: {', '.join(problems[:5])}")
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"'{path}' is neither a checkpoint (meta.json + COMPLETE) nor a run directory holding complete "
+        "step_* checkpoints (a Ray run dir <output_dir>/ray/<name>, or <output_dir>/<name>/checkpoints)"
+    )
+
+
+def resolve_resume(spec: str, tracking_uri: str = "") -> Path:
+    """`--resume` argument → checkpoint directory: a checkpoint dir, a run dir (its latest complete
+    checkpoint), or an MLflow run id whose `checkpoint_uri` tag points at one of those."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _checkpoint_in_dir(path.resolve())
+    from dist_tempnet.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(tracking_uri=uri).get_run(spec)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        raise FileNotFoundError(
+            f"--resume {spec!r}: no such checkpoint or run directory, and not an MLflow run id in {uri} "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    target = run.data.tags.get("checkpoint_uri", "")
+    if not target:
+        raise FileNotFoundError(f"--resume {spec!r}: MLflow run has no 'checkpoint_uri' tag (no checkpoint saved)")
+    target_path = Path(target.removeprefix("file://"))
+    if not target_path.exists():
+        raise FileNotFoundError(f"--resume {spec!r}: its checkpoint_uri {target} does not exist on this machine")
+    resolved = _checkpoint_in_dir(target_path)
+    print(f"[dist-tempnet] MLflow run {spec} → checkpoint {resolved}", file=sys.stderr, flush=True)
+    return resolved

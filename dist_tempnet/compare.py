@@ -600,6 +600,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _legend_room(fig, inches: float = 0.7) -> float:
+    """Fraction of the figure height kept free at the bottom for the shared legend."""
+    return min(0.2, inches / fig.get_figheight())
+
+
 def _legend(fig, axes: Sequence[Any]) -> None:
     handles, labels = {}, []
     for ax in axes:
@@ -634,7 +639,13 @@ def plot_loss(records: Sequence[RunRecord], style: Styler, path: Path) -> Path |
         )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
-    ax.set_title("Training loss")
+    several = len({r.method for r in drawn}) > 1
+    # Each method minimizes its own objective: their loss values are not on one scale.
+    ax.set_title(
+        "Training loss"
+        + (" (objectives differ between methods: compare within a method)" if several else ""),
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, path)
@@ -695,7 +706,7 @@ def plot_eval(records: Sequence[RunRecord], style: Styler, path: Path, x: str) -
     _legend(fig, axes)
     title = "vs step (bars: evaluated only at the end)" if x == "step" else "vs wall time since run start"
     fig.suptitle(f"Evaluation metrics {title}", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, _legend_room(fig), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -731,7 +742,7 @@ def plot_tau_over_steps(records: Sequence[RunRecord], style: Styler, path: Path)
         ax.set_yscale("log")
         ax.grid(alpha=0.3, which="both")
     _legend(fig, axes)
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, _legend_room(fig), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

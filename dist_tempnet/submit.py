@@ -209,6 +209,18 @@ def wait_for_end(client, job_id: str, poll_s: float = 1.0, timeout_s: float | No
         time.sleep(poll_s)
 
 
+def submit_when_ready(client, retry_s: float = 60.0, **job) -> str:
+    """submit_job, retried while a just-started head has no job agent registered yet."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit(args: argparse.Namespace, environ: dict[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     entrypoint = shlex.join(args.entrypoint)
@@ -234,16 +246,22 @@ def submit(args: argparse.Namespace, environ: dict[str, str] | None = None) -> i
 
     token = enable_token_auth(environ)
     address = args.address or environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env=runtime_env,
-        submission_id=args.submission_id,
-        entrypoint_num_cpus=args.entrypoint_num_cpus,
-        metadata={"submitted_by": "dist-tempnet submit"},
-    )
+    try:
+        client = JobSubmissionClient(address)
+        job_id = submit_when_ready(
+            client,
+            entrypoint=entrypoint,
+            runtime_env=runtime_env,
+            submission_id=args.submission_id,
+            entrypoint_num_cpus=args.entrypoint_num_cpus,
+            metadata={"submitted_by": "dist-tempnet submit"},
+        )
+    except (AuthenticationError, RuntimeError, ConnectionError) as exc:
+        print(f"dist-tempnet submit: could not submit to {address}: {exc}", file=sys.stderr)
+        return 1
     env_names = ", ".join(sorted(env_vars)) or "none"
     print(
         f"submitted job {job_id} to {address} (token auth {'on' if token else 'off'}; env: {env_names})",

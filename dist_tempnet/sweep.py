@@ -228,6 +228,17 @@ def _report(client, parent_id: str, out: Path | None) -> str:
     return comparison.text()
 
 
+def _ray_is_up() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _stop_ray() -> None:
+    # Shutting down flushes the workers' buffered log lines, so they print before the table, not into it.
+    if _ray_is_up():
+        sys.modules["ray"].shutdown()
+
+
 def run_sweep(
     plan: SweepPlan, fail_fast: bool = False, out: Path | None = None
 ) -> tuple[str, list[PointResult]]:
@@ -247,6 +258,7 @@ def run_sweep(
     )
     results: list[PointResult] = []
     status = "FAILED"
+    ray_was_up = _ray_is_up()
     try:
         for cfg, point in zip(plan.configs, plan.points):
             results.append(run_point(cfg, point, parent_id, len(plan.points)))
@@ -260,6 +272,8 @@ def run_sweep(
         raise
     finally:
         client.set_terminated(parent_id, status)
+        if not ray_was_up:
+            _stop_ray()
     if any(r.run_id for r in results):
         print(f"\n=== sweep {plan.name} (parent run {parent_id}) ===", flush=True)
         print("\n".join(summary_lines(results)) + "\n", flush=True)

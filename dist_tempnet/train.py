@@ -12,6 +12,8 @@ how it runs on a machine without Ray: `python -m dist_tempnet.train --config ...
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import math
 import os
 import random
@@ -19,6 +21,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,10 +29,14 @@ import torch
 import torch.distributed as dist
 
 from dist_tempnet import comm
-from dist_tempnet.checkpoint import CheckpointSink, make_sink
+from dist_tempnet.checkpoint import CheckpointSink, FaultPlan, checkpoint_bytes, make_sink
 from dist_tempnet.config import Config, config_from_dict, load_config
-from dist_tempnet.engine import build_engine, group_lrs
+from dist_tempnet.engine import build_engine, deepspeed_config, group_lrs
 from dist_tempnet.tracking import Tracker
+
+# Debugging/tests: a directory where every rank appends the sample ids of each micro batch it trains
+# on (seen_rank<r>.jsonl), with a marker line at every resume.
+SEEN_IDS_ENV = "DIST_TEMPNET_SEEN_IDS"
 
 
 @dataclass
@@ -128,17 +135,24 @@ class Trainer:
         from dist_tempnet.tasks import build_task
 
         self.task = build_task(cfg, self.rank, self.world, self.device)
-        self.engine = build_engine(self.task.module, self.task.param_groups(), cfg)
+        self.engine = build_engine(self.task.module, self.task.param_groups(), with_elastic_checkpoints(cfg))
         if hasattr(self.task, "after_engine"):
             self.task.after_engine(self.engine)
         self.sink = sink
+        self.fault = FaultPlan.from_env()
+        self.tracking_uri = loop_config.get("tracking_uri", "")
         self.tracker = self._tracker(loop_config)
         self.step = 0
+        self.resumed_step: int | None = None
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
         self._resume()
         self.batches = self.task.batches()
+        self.seen_log = SeenIdsLog.from_env(self.rank, self.world)
+        if self.seen_log and self.resumed_step is not None:
+            self.seen_log.mark_resume(self.resumed_step)
 
     def _tracker(self, loop_config: dict[str, Any]) -> Tracker:
         run_id = loop_config.get("mlflow_run_id") or ""
@@ -154,10 +168,72 @@ class Trainer:
         meta = self.sink.load_latest(self.engine, self.task)
         if meta is None:
             return
-        self.step = int(meta["step"])
+        self.step = self.resumed_step = int(meta["step"])
         self.resumed_from = meta["path"]
+        self.resumed_at = time.time()
+        old_world = int(meta["world_size"])
         if self.rank == 0:
-            print(f"[dist-tempnet] resumed from {meta['path']} at step {self.step}", flush=True)
+            print(
+                f"[dist-tempnet] resumed ({meta.get('resume_kind', 'restart')}) from {meta['path']} at step "
+                f"{self.step}" + (f", elastic: {old_world} → {self.world} workers" if old_world != self.world else ""),
+                flush=True,
+            )
+            if old_world != self.world:
+                self._announce_elastic(meta)
+        self._log_resume(meta)
+
+    def _announce_elastic(self, meta: dict[str, Any]) -> None:
+        old_cfg = meta["config"]["train"]
+        old_world = int(meta["world_size"])
+        old_accum = old_cfg["global_batch_size"] // (old_world * old_cfg["micro_batch_size"])
+        t = self.cfg.train
+        print(
+            f"[dist-tempnet] elastic resume: global batch {old_cfg['global_batch_size']} → {t.global_batch_size}, "
+            f"gradient accumulation {old_accum} → {self.engine.gradient_accumulation_steps()}; DRO state "
+            "re-sharded, data position remapped (no sample of the epoch skipped or repeated)",
+            flush=True,
+        )
+        if old_cfg["global_batch_size"] != t.global_batch_size:
+            print(
+                "[dist-tempnet] WARNING: train.global_batch_size differs from the checkpoint's: the optimization "
+                "is not the one the interrupted run would have done",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _log_resume(self, meta: dict[str, Any]) -> None:
+        """MLflow: how often this run resumed, from which step, and why (rank 0 only)."""
+        if not self.tracker.enabled:
+            return
+        count = self._previous_resume_count(meta) + 1
+        kind = meta.get("resume_kind", "restart")
+        reason = (
+            "worker group restarted after a failure (see the Ray Train logs for the error)"
+            if kind == "restart"
+            else "manual resume (dist-tempnet train --resume)"
+        )
+        self.tracker.set_tags(
+            {
+                "resumed_from": meta["path"],
+                "resume_kind": kind,
+                "last_resume_unix": f"{self.resumed_at:.3f}",
+                "last_failure": reason if kind == "restart" else "",
+            }
+        )
+        self.tracker.log_metrics(
+            {"resume_count": float(count), "resumed_from_step": float(self.step), "resume_world_size": float(self.world)},
+            self.step,
+        )
+        self.resume_count = count
+
+    def _previous_resume_count(self, meta: dict[str, Any]) -> int:
+        # The run's own metric counts resumes that left no checkpoint behind (failed again before the
+        # next save); the checkpoint's value is the fallback when MLflow cannot be read.
+        try:
+            run = self.tracker.client.get_run(self.tracker.run_id)
+            return int(run.data.metrics.get("resume_count", 0))
+        except Exception:  # noqa: BLE001 - tracking must never stop a resume
+            return int(meta.get("resume_count", 0))
 
     # -- one optimizer step -------------------------------------------------------------------
 
@@ -167,10 +243,15 @@ class Trainer:
         step_metrics: dict[str, float] = {}
         units = 0
         skipped = False
-        for _ in range(accum):
-            batch = to_device(next(self.batches), self.device)
+        for micro in range(accum):
+            batch = next(self.batches)
+            if self.seen_log:
+                self.seen_log.record(self.step + 1, micro, batch, self.batches)
+            batch = to_device(batch, self.device)
             units += self.task.units(batch)
             result = self.task.forward(engine, batch)
+            if self.fault.poisons_loss(self.step + 1):
+                result.loss = result.loss * float("nan")
             bad = _any_rank(not bool(torch.isfinite(result.loss.detach()).all()), self.device)
             if bad:
                 # Skip this micro batch's backward on every rank. engine.step() still runs so
@@ -214,6 +295,9 @@ class Trainer:
             sched = self.task.before_step(self.step)
             metrics = self.train_step()
             self.step += 1
+            self.fault.after_step(self.step, self.rank)
+            if self.step == (self.resumed_step or 0) + 1 and self.resumed_step is not None:
+                self._note_training_resumed()
             if metrics is None:
                 self._on_nonfinite()
                 continue
@@ -246,6 +330,17 @@ class Trainer:
         self.tracker.flush()
         return final
 
+    def _note_training_resumed(self) -> None:
+        # For the kill → resumed measurement: the first optimizer step after a resume is done.
+        now = time.time()
+        self.tracker.set_tags({"first_step_after_resume_unix": f"{now:.3f}"})
+        if self.rank == 0:
+            print(
+                f"[dist-tempnet] training resumed: step {self.step} done {now - self.resumed_at:.1f}s after the "
+                "checkpoint was loaded",
+                flush=True,
+            )
+
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         # Losses are per-rank; τ/u statistics are already global (computed from gathered values),
         # averaging them again is harmless. One all-reduce for all keys, in a fixed order.
@@ -276,6 +371,7 @@ class Trainer:
         results = self.task.evaluate(self.engine)
         if results:
             results["eval_time_s"] = time.perf_counter() - t0
+            self.last_eval = dict(results)
             self.tracker.log_metrics(results, self.step)
             if self.rank == 0:
                 shown = ", ".join(f"{k}={v:.4f}" for k, v in results.items())
@@ -283,25 +379,101 @@ class Trainer:
         return results
 
     def _checkpoint(self, final: bool, metrics: dict[str, float] | None = None) -> None:
+        if self.step == self.resumed_step:
+            # Nothing trained since the checkpoint we resumed from: saving again would only rewrite
+            # (under Ray: re-register) the same step.
+            return
         t0 = time.perf_counter()
         path = self.sink.save(
             self.engine,
             step=self.step,
             task_state=self.task.state(),
             config=self.cfg.to_dict(),
-            metrics=metrics or {"step": self.step},
-            extra={"mlflow_run_id": self.tracker.run_id},
+            metrics=metrics or {**self.last_metrics, **self.last_eval, "step": self.step},
+            extra={
+                "mlflow_run_id": self.tracker.run_id or "",
+                "tracking_uri": self.tracking_uri,
+                "resume_count": getattr(self, "resume_count", 0),
+                "final": final,
+                "saved_unix": time.time(),
+            },
         )
         seconds = time.perf_counter() - t0
+        size = checkpoint_bytes(Path(path)) if self.rank == 0 and path and Path(path).is_dir() else 0
         if path:
             self.tracker.set_tags({"checkpoint_uri": path, "checkpoint_step": self.step})
-        self.tracker.log_metrics({"checkpoint_save_s": seconds}, self.step)
+        self.tracker.log_metrics({"checkpoint_save_s": seconds, "checkpoint_bytes": float(size)}, self.step)
         if self.rank == 0:
             print(
-                f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.1f}s"
+                f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.2f}s ({size / 2**20:.1f} MiB)"
                 + (f" → {path}" if path else ""),
                 flush=True,
             )
+
+
+def with_elastic_checkpoints(cfg: Config) -> Config:
+    """A copy of `cfg` whose ZeRO-1/2 optimizer state is saved in DeepSpeed's elastic layout (same
+    size on disk), so a run can resume on another number of workers. ZeRO-3 has no such mode."""
+    if cfg.deepspeed.zero_stage not in (1, 2):
+        return cfg
+    out = copy.deepcopy(cfg)
+    world = comm.world_size()
+    zero = deepspeed_config(cfg, world)["zero_optimization"]
+    out.deepspeed.extra = {**cfg.deepspeed.extra, "zero_optimization": {"elastic_checkpoint": True, **zero}}
+    return out
+
+
+class SeenIdsLog:
+    """Appends the sample ids of every micro batch to `$DIST_TEMPNET_SEEN_IDS/seen_rank<r>.jsonl`.
+
+    Lines: {"t", "step", "micro", "rank", "world", "ids", "epochs"}; at a resume {"t", "resume_step"}:
+    records of later steps written before it were redone after the resume (see `seen_ids_by_epoch`).
+    """
+
+    def __init__(self, path: Path, rank: int, world: int) -> None:
+        self.path, self.rank, self.world = path, rank, world
+
+    @classmethod
+    def from_env(cls, rank: int, world: int) -> SeenIdsLog | None:
+        directory = os.environ.get(SEEN_IDS_ENV, "")
+        if not directory:
+            return None
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        return cls(Path(directory) / f"seen_rank{rank}.jsonl", rank, world)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def mark_resume(self, step: int) -> None:
+        self._append({"t": time.time(), "resume_step": step, "rank": self.rank})
+
+    def record(self, step: int, micro: int, batch: dict[str, Any], stream: Any) -> None:
+        ids = batch["sample_ids"].tolist()
+        epochs = list(getattr(stream, "last_sample_epochs", []) or [-1] * len(ids))
+        self._append(
+            {"t": time.time(), "step": step, "micro": micro, "rank": self.rank, "world": self.world,
+             "ids": ids, "epochs": epochs}
+        )
+
+
+def seen_ids_by_epoch(directory: str | os.PathLike) -> dict[int, list[int]]:
+    """Sample ids each epoch trained on, across restarts: records of steps after a resume's step
+    that were written before that resume are dropped (the resumed run redid those steps)."""
+    lines = []
+    for path in Path(directory).glob("seen_rank*.jsonl"):
+        lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept: dict[tuple[int, int, int], dict[str, Any]] = {}
+    for rec in sorted(lines, key=lambda r: r["t"]):
+        if "resume_step" in rec:
+            kept = {k: v for k, v in kept.items() if k[0] <= rec["resume_step"]}
+        else:
+            kept[(rec["step"], rec["micro"], rec["rank"])] = rec
+    by_epoch: dict[int, list[int]] = {}
+    for rec in kept.values():
+        for sample_id, epoch in zip(rec["ids"], rec["epochs"]):
+            by_epoch.setdefault(epoch, []).append(sample_id)
+    return by_epoch
 
 
 def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
@@ -310,8 +482,10 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     if loop_config.get("ray") and cfg.ray.quiet:
         import logging
 
-        # Ray Train logs every report (with all metrics) at INFO from this module's logger.
-        for name in ("ray.train", "ray.train.v2._internal.execution.context"):
+        # Ray Train logs every report (with all metrics) at INFO from a logger named after its file.
+        import ray.train.v2._internal.execution.context as ray_train_context
+
+        for name in ("ray.train", ray_train_context.__file__):
             logging.getLogger(name).setLevel(logging.WARNING)
     if loop_config.get("standalone"):
         # Without Ray there is no driver to build the demo data: rank 0 does, the others wait.

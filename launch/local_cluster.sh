@@ -5,8 +5,9 @@
 #   launch/local_cluster.sh status    # is it up? (ray status + the job list)
 #   launch/local_cluster.sh stop      # stop exactly the processes this script started
 #
-# Settings (environment): DT_RAY_PORT (GCS, default 6379), DT_DASHBOARD_PORT (Jobs API/dashboard,
-# default 8265), DT_NUM_CPUS (default: all cores), DT_RAY_TEMP_DIR (Ray session files, default
+# Settings (environment): DT_RAY_PORT (GCS, default 6379; the Ray client server, dashboard agent,
+# runtime-env agent and metrics take the next five ports, so that two heads on one machine never
+# share a port), DT_DASHBOARD_PORT (Jobs API/dashboard, default 8265), DT_NUM_CPUS (default: all cores), DT_RAY_TEMP_DIR (Ray session files, default
 # /tmp/dt_ray_<port>), DT_CLUSTER_STATE (pid/log files, default ~/.cache/dist_tempnet/ray-<port>).
 #
 # The head runs as `ray start --block` in its own process group, so `stop` signals that group
@@ -82,7 +83,9 @@ start() {
         --node-ip-address 127.0.0.1 --port "$port" \
         --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
         --num-cpus "$num_cpus" --temp-dir "$temp_dir" --disable-usage-stats \
-        --ray-client-server-port "${DT_CLIENT_PORT:-$((port + 1))}" \
+        --ray-client-server-port "$((port + 1))" --dashboard-agent-listen-port "$((port + 2))" \
+        --dashboard-agent-grpc-port "$((port + 3))" --runtime-env-agent-port "$((port + 4))" \
+        --metrics-export-port "$((port + 5))" \
         >"$log_file" 2>&1 < /dev/null &
     echo $! >"$pid_file"
     wait_for_jobs_api

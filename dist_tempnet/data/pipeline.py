@@ -9,6 +9,15 @@ torch.distributed yet) and then to DataLoader workers (the ``split_by_worker`` r
 shuffle buffer mixes samples; it drains at the end of each epoch so every sample appears exactly once
 per epoch on exactly one rank (when shards divide evenly).
 
+Exact resume: a :class:`BatchStream` records, per epoch still in flight, which sample ids it has
+delivered (a bitmap over the split's ids) and ``position_state()`` returns them for a checkpoint.
+:func:`resume_position` turns the states of every rank of an earlier run (any world size, any number
+of DataLoader workers) into a :class:`StreamResume`: the epoch to restart at and, per epoch, the ids
+some rank already consumed. A resumed stream replays the deterministic epoch order and drops those ids
+after the shuffle buffer but before decoding, so with the same world size it yields exactly the
+batches an uninterrupted run would, and with another world size every sample of the interrupted epoch
+is still seen exactly once.
+
 Evaluation passes (:func:`eval_batches`) are finite, deterministic and unshuffled; ranks take balanced
 contiguous ranges of sample ids, so every sample is seen exactly once overall.
 """
@@ -19,6 +28,7 @@ import itertools
 import math
 import os
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +57,8 @@ DEFAULT_SHUFFLE_BUFFER = 1024
 
 # Per-batch bookkeeping sent from a worker to the main process, stripped before the user sees it.
 _META_EPOCH, _META_WORKER, _META_SKIPPED = "_epoch", "_worker", "_corrupt_skipped"
+_META_SAMPLE_EPOCHS = "_sample_epochs"
+POSITION_FORMAT = "dist_tempnet.data_position/v1"
 
 ManifestLike = str | Path | Manifest
 
@@ -120,11 +132,16 @@ def shuffled_through_buffer(items: Iterator[Any], size: int, rng: random.Random)
     yield from buffer
 
 
-def _worker_position() -> tuple[int, int]:
+def _worker_position(offset: int = 0) -> tuple[int, int]:
+    """(logical worker, number of workers). DataLoader always delivers physical worker 0's batch
+    first; a resumed stream shifts the logical numbering by ``offset`` so that the worker whose turn
+    was next when the checkpoint was taken delivers first again."""
     # Read torch's worker info directly (webdataset's helper also honours WORKER/NUM_WORKERS env vars,
     # which could silently mis-split under launchers that happen to set them).
     info = get_worker_info()
-    return (0, 1) if info is None else (info.id, info.num_workers)
+    if info is None:
+        return 0, 1
+    return (info.id + offset) % info.num_workers, info.num_workers
 
 
 # ------------------------------------------------------------------------------------ training stream
@@ -145,6 +162,9 @@ class StreamSpec:
     allow_corrupt: bool
     decode: Callable[[dict[str, Any], ShardInfo, SkipLog], Any]
     collate: Callable[[list[Any]], dict[str, Any]]
+    # Resume: per epoch, bool[split ids] of samples an earlier run already consumed (skipped here).
+    consumed: dict[int, np.ndarray] | None = None
+    worker_offset: int = 0
 
 
 class EpochStream(IterableDataset):
@@ -160,7 +180,8 @@ class EpochStream(IterableDataset):
         mine = split_round_robin(order, spec.rank, spec.world_size)
         return split_round_robin(mine, worker, num_workers)
 
-    def epoch_samples(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
+    def _raw_epoch(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
+        """This worker's raw (encoded) samples of one epoch, in their shuffled order."""
         spec = self.spec
         shards = self.shards_for(epoch, worker, num_workers)
         kind = spec.manifest.kind
@@ -169,27 +190,55 @@ class EpochStream(IterableDataset):
             # Shuffle encoded samples (small), decode after: the buffer never holds decoded images.
             rng = random.Random(f"dist_tempnet/samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
             raw = shuffled_through_buffer(raw, spec.shuffle_buffer, rng)
-        for shard, sample in raw:
-            decoded = spec.decode(sample, shard, skips)
+        return raw
+
+    def _consumed_in(self, epoch: int) -> np.ndarray | None:
+        return (self.spec.consumed or {}).get(epoch)
+
+    def _nothing_left(self, epoch: int, worker: int, num_workers: int) -> bool:
+        """Whether a resume filter already covers every id of this worker's shards in ``epoch``."""
+        consumed = self._consumed_in(epoch)
+        if consumed is None:
+            return False
+        base = self.spec.manifest.id_start
+        shards = self.shards_for(epoch, worker, num_workers)
+        return all(consumed[s.id_start - base : s.id_stop - base].all() for s in shards)
+
+    def epoch_samples(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
+        """Decoded samples of one epoch; ids consumed before a resume are dropped before decoding
+        (after the shuffle buffer, so the remaining samples keep the uninterrupted order)."""
+        consumed, base = self._consumed_in(epoch), self.spec.manifest.id_start
+        for shard, sample in self._raw_epoch(epoch, worker, num_workers, skips):
+            if consumed is not None and consumed[int(sample["__key__"]) - base]:
+                self._dropped_as_consumed += 1
+                continue
+            decoded = self.spec.decode(sample, shard, skips)
             if decoded is not None:
                 yield decoded
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
-        worker, num_workers = _worker_position()
+        worker, num_workers = _worker_position(spec.worker_offset)
         skips = SkipLog(spec.allow_corrupt)
         batch: list[Any] = []
+        epochs: list[int] = []
         for epoch in itertools.count(spec.epoch_start):
-            produced = 0
+            if self._nothing_left(epoch, worker, num_workers):
+                continue
+            produced, self._dropped_as_consumed = 0, 0
             for sample in self.epoch_samples(epoch, worker, num_workers, skips):
                 produced += 1
                 batch.append(sample)
+                epochs.append(epoch)
                 if len(batch) == spec.batch_size:
                     out = spec.collate(batch)
-                    out.update({_META_EPOCH: epoch, _META_WORKER: worker, _META_SKIPPED: skips.count})
+                    out.update({
+                        _META_EPOCH: epoch, _META_WORKER: worker, _META_SKIPPED: skips.count,
+                        _META_SAMPLE_EPOCHS: torch.tensor(epochs, dtype=torch.long),
+                    })
                     yield out
-                    batch = []
-            if produced == 0:
+                    batch, epochs = [], []
+            if produced == 0 and self._dropped_as_consumed == 0:
                 # Without this, a rank whose shards are all corrupt (allow_corrupt) would spin forever.
                 names = [s.path.name for s in self.shards_for(epoch, worker, num_workers)]
                 raise RuntimeError(
@@ -202,16 +251,26 @@ class BatchStream:
     """Iterator over training batches with progress counters for logging and checkpoints.
 
     ``samples_seen`` / ``batches_seen`` count what this rank delivered; ``epoch`` is the epoch the
-    latest batch came from; ``corrupt_skipped`` counts corrupt shards/samples skipped (allow_corrupt).
+    latest batch came from; ``corrupt_skipped`` counts corrupt shards/samples skipped (allow_corrupt);
+    ``last_sample_epochs`` is the epoch of each sample of the latest batch. ``position_state()`` is the
+    exact data position for a checkpoint (see :func:`resume_position`).
     Worker processes start on the first ``next()``; ``close()`` (or ``with``) stops them.
     """
 
-    def __init__(self, dataset: EpochStream, num_workers: int) -> None:
+    def __init__(self, dataset: EpochStream, num_workers: int, resume: StreamResume | None = None) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
-        self.samples_seen = 0
-        self.batches_seen = 0
+        self.samples_seen = resume.samples_seen if resume else 0
+        self.batches_seen = resume.batches_seen if resume else 0
         self.epoch = dataset.spec.epoch_start
+        self.last_sample_epochs: list[int] = []
+        # Bitmaps start as the resume filter: ids some earlier rank consumed count as consumed here
+        # too, so a later resume (with any world size) still knows about them.
+        self._consumed: dict[int, np.ndarray] = {
+            e: bits.copy() for e, bits in (dataset.spec.consumed or {}).items()
+        }
+        self._worker_epoch: dict[int, int] = {}
+        self._next_worker = dataset.spec.worker_offset
         self._skipped_by_worker: dict[int, int] = {}
         self._source: Iterator[dict[str, Any]] | None = None
         self._closed = False
@@ -220,10 +279,49 @@ class BatchStream:
     def corrupt_skipped(self) -> int:
         return sum(self._skipped_by_worker.values())
 
+    @property
+    def oldest_open_epoch(self) -> int:
+        """Every epoch before this one is fully consumed by this rank (all its workers moved on)."""
+        start = self.dataset.spec.epoch_start
+        return min(self._worker_epoch.get(w, start) for w in range(max(1, self.num_workers)))
+
     def state_dict(self) -> dict[str, int]:
-        """Data position for a checkpoint; resume with ``epoch_start=state['epoch']``."""
+        """Progress counters (for logging); ``position_state()`` is what a checkpoint needs."""
         return {"epoch": self.epoch, "samples_seen": self.samples_seen, "batches_seen": self.batches_seen,
                 "corrupt_skipped": self.corrupt_skipped}
+
+    def position_state(self) -> dict[str, Any]:
+        """This rank's exact data position: per open epoch, the packed bitmap of consumed ids."""
+        spec = self.dataset.spec
+        return {
+            "format": POSITION_FORMAT,
+            "rank": spec.rank,
+            "world_size": spec.world_size,
+            "num_workers": self.num_workers,
+            "seed": spec.seed,
+            "shuffle": spec.shuffle,
+            "id_range": [spec.manifest.id_start, spec.manifest.id_stop],
+            "open_epoch": self.oldest_open_epoch,
+            "consumed": {e: np.packbits(bits) for e, bits in self._consumed.items()},
+            "next_worker": self._next_worker,
+            **self.state_dict(),
+        }
+
+    def _record(self, sample_ids: torch.Tensor, sample_epochs: torch.Tensor, worker: int) -> None:
+        spec = self.dataset.spec
+        ids = sample_ids.numpy() - spec.manifest.id_start
+        epochs = sample_epochs.numpy()
+        for epoch in np.unique(epochs).tolist():
+            bits = self._consumed.get(epoch)
+            if bits is None:
+                bits = self._consumed[epoch] = np.zeros(spec.manifest.num_samples, dtype=bool)
+            bits[ids[epochs == epoch]] = True
+        self._worker_epoch[worker] = int(epochs[-1])
+        self._next_worker = (worker + 1) % max(1, self.num_workers)
+        oldest = self.oldest_open_epoch
+        for epoch in [e for e in self._consumed if e < oldest]:
+            del self._consumed[epoch]
+        self.last_sample_epochs = epochs.tolist()
 
     def _start(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
@@ -244,7 +342,9 @@ class BatchStream:
             self._source = self._start()
         batch = next(self._source)
         self.epoch = batch.pop(_META_EPOCH)
-        self._skipped_by_worker[batch.pop(_META_WORKER)] = batch.pop(_META_SKIPPED)
+        worker = batch.pop(_META_WORKER)
+        self._skipped_by_worker[worker] = batch.pop(_META_SKIPPED)
+        self._record(batch["sample_ids"], batch.pop(_META_SAMPLE_EPOCHS), worker)
         self.samples_seen += len(batch["sample_ids"])
         self.batches_seen += 1
         return batch
@@ -264,6 +364,126 @@ class BatchStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------------- exact resume
+
+
+@dataclass(frozen=True)
+class StreamResume:
+    """Where a resumed training stream starts (built by :func:`resume_position`).
+
+    ``consumed`` maps each epoch from ``epoch_start`` on that some earlier rank had started to a
+    bool array over the split's ids (index = id - first id): those samples are skipped.
+    """
+
+    epoch_start: int
+    consumed: dict[int, np.ndarray]
+    worker_offset: int = 0
+    samples_seen: int = 0
+    batches_seen: int = 0
+
+
+def _unpack(bits: np.ndarray, num_samples: int) -> np.ndarray:
+    return np.unpackbits(np.asarray(bits, dtype=np.uint8), count=num_samples).astype(bool)
+
+
+def _check_position(state: dict[str, Any], manifest: Manifest, source: str) -> None:
+    if state.get("format") != POSITION_FORMAT:
+        raise ValueError(f"{source}: not a data position (expected format {POSITION_FORMAT!r})")
+    if list(state["id_range"]) != [manifest.id_start, manifest.id_stop]:
+        raise ValueError(
+            f"{source}: data position is for sample ids {state['id_range']}, but {manifest.path} holds "
+            f"[{manifest.id_start}, {manifest.id_stop}): resuming on another dataset cannot be exact"
+        )
+
+
+def _finished_by(state: dict[str, Any], epoch: int, manifest: Manifest) -> np.ndarray:
+    """Ids an old rank consumed in ``epoch``: all of its shards there if it had moved past the
+    epoch, else its bitmap (which also holds what its own resume filter had excluded)."""
+    if epoch < state["open_epoch"]:
+        done = np.zeros(manifest.num_samples, dtype=bool)
+        order = epoch_shard_order(manifest.shards, epoch, state["seed"], state["shuffle"])
+        for shard in split_round_robin(order, state["rank"], state["world_size"]):
+            done[shard.id_start - manifest.id_start : shard.id_stop - manifest.id_start] = True
+        return done
+    bits = state["consumed"].get(epoch)
+    if bits is None:
+        return np.zeros(manifest.num_samples, dtype=bool)
+    return _unpack(bits, manifest.num_samples)
+
+
+def resume_position(
+    states: Sequence[dict[str, Any]], manifest: Manifest, rank: int, world_size: int, num_workers: int
+) -> StreamResume:
+    """The stream resume for ``rank`` of ``world_size`` from the position states of EVERY rank of
+    an earlier run (``BatchStream.position_state()``, any world size or worker count)."""
+    if not states:
+        raise ValueError("resume_position needs the data positions of all ranks of the earlier run")
+    for i, state in enumerate(states):
+        _check_position(state, manifest, f"data position #{i}")
+    first = min(s["open_epoch"] for s in states)
+    last = max(max(x) for x in ([s["open_epoch"], *s["consumed"]] for s in states))
+    consumed: dict[int, np.ndarray] = {}
+    for epoch in range(first, last + 1):
+        merged = np.zeros(manifest.num_samples, dtype=bool)
+        for state in states:
+            merged |= _finished_by(state, epoch, manifest)
+        consumed[epoch] = merged
+    while first in consumed and consumed[first].all():
+        del consumed[first]
+        first += 1
+    old_world = len(states)
+    mine = next((s for s in states if s["rank"] == rank), None)
+    # The worker rotation only means something for the same ranks with the same workers.
+    same_layout = old_world == world_size and mine is not None and mine["num_workers"] == num_workers
+    counters = mine if same_layout else {
+        key: sum(s[key] for s in states) // world_size for key in ("samples_seen", "batches_seen")
+    }
+    return StreamResume(
+        epoch_start=first,
+        consumed=consumed,
+        worker_offset=mine["next_worker"] if same_layout else 0,
+        samples_seen=counters["samples_seen"],
+        batches_seen=counters["batches_seen"],
+    )
+
+
+def data_position(stream: BatchStream | None) -> dict[str, Any] | None:
+    """A stream's position for a checkpoint (None before the task built its stream)."""
+    return stream.position_state() if stream is not None else None
+
+
+def resume_data_position(
+    task_states: Sequence[dict[str, Any]], manifest: Manifest, rank: int, world_size: int, num_workers: int
+) -> StreamResume | None:
+    """`resume_position` over the ``data`` entries of every old rank's task state.
+
+    Positions from before exact resume existed (only an epoch) restart at that epoch's beginning,
+    with a warning: that epoch's samples already trained on are seen again.
+    """
+    positions = [state.get("data") for state in task_states]
+    if all(p is None for p in positions):
+        return None
+    if any(p is None or "format" not in p for p in positions):
+        epoch = min(int((p or {}).get("epoch", 0)) for p in positions)
+        warnings.warn(
+            f"checkpoint holds no exact data position: the data stream restarts at the start of epoch {epoch}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return StreamResume(epoch_start=epoch, consumed={})
+    return resume_position(positions, manifest, rank, world_size, num_workers)
+
+
+def _resume_fields(resume: StreamResume | None, epoch_start: int) -> dict[str, Any]:
+    if resume is None:
+        return {"epoch_start": epoch_start}
+    return {
+        "epoch_start": resume.epoch_start,
+        "consumed": resume.consumed,
+        "worker_offset": resume.worker_offset,
+    }
 
 
 def _check_stream_args(manifest: Manifest, batch_size: int, rank: int, world_size: int,
@@ -325,6 +545,7 @@ def clip_batches(
     allow_corrupt: bool = False,
     epoch_start: int = 0,
     shuffle: bool = True,
+    resume: StreamResume | None = None,
 ) -> BatchStream:
     """Endless image-text training batches for one rank.
 
@@ -335,18 +556,20 @@ def clip_batches(
     ``attention_mask`` int64 [B, L] (L = max_text_len), ``sample_ids`` int64 [B], ``labels`` int64 [B]
     (class index, -1 when the data has none). ``tokenizer``: a tokenizer object, a path, or None for
     the manifest's own tokenizer. ``image_size``: None keeps the stored size (images are resized and
-    center-cropped otherwise).
+    center-cropped otherwise). ``resume`` (from :func:`resume_position`) continues an earlier run's
+    exact data position and overrides ``epoch_start``.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "image_text")
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
     check_shards_on_disk(manifest, allow_corrupt)
     spec = StreamSpec(
         manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, epoch_start=epoch_start, allow_corrupt=allow_corrupt,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt,
         decode=ImageTextDecoder(_resolve_image_size(image_size, manifest)),
         collate=ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len),
+        **_resume_fields(resume, epoch_start),
     )
-    return BatchStream(EpochStream(spec), num_workers)
+    return BatchStream(EpochStream(spec), num_workers, resume)
 
 
 def token_batches(
@@ -361,20 +584,22 @@ def token_batches(
     allow_corrupt: bool = False,
     epoch_start: int = 0,
     shuffle: bool = True,
+    resume: StreamResume | None = None,
 ) -> BatchStream:
     """Endless language-model batches: ``input_ids`` int64 [B, seq_len + 1], ``sample_ids`` int64 [B].
 
-    Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``.
+    Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``. ``resume``: as in
+    :func:`clip_batches`.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "tokens")
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
     check_shards_on_disk(manifest, allow_corrupt)
     spec = StreamSpec(
         manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, epoch_start=epoch_start, allow_corrupt=allow_corrupt,
-        decode=TokenDecoder(manifest.seq_len), collate=collate_tokens,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt,
+        decode=TokenDecoder(manifest.seq_len), collate=collate_tokens, **_resume_fields(resume, epoch_start),
     )
-    return BatchStream(EpochStream(spec), num_workers)
+    return BatchStream(EpochStream(spec), num_workers, resume)
 
 
 # ------------------------------------------------------------------------------------ evaluation pass

@@ -14,6 +14,7 @@ over token chunks computes the loss and all gradients at once.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Union
@@ -128,7 +129,12 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
     """a @ b written in `acc` precision; operands must already share one dtype."""
     if a.dtype == acc:
         return a @ b
-    return torch.mm(a, b, out_dtype=acc)
+    try:
+        return torch.mm(a, b, out_dtype=acc)
+    except (RuntimeError, NotImplementedError) as err:  # a layout the probe didn't cover: stay correct
+        warnings.warn(f"mm with out_dtype failed ({err}); upcasting operands instead", stacklevel=2)
+        _OUT_DTYPE_MM[a.device.type] = False
+        return a.to(acc) @ b.to(acc)
 
 
 def _row_blocks(n: int, size: int) -> Iterator[slice]:

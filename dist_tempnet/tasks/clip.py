@@ -14,6 +14,7 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
+from dist_tempnet.data.pipeline import data_position, resume_data_position
 from dist_tempnet.engine import ParamGroup, default_param_groups
 from dist_tempnet.evaluate import class_text_embeddings, gather_rows, lockstep, retrieval_metrics
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
@@ -100,6 +101,7 @@ class CLIPTask:
         )
         self.module = CLIPTrainModule(clip, self.loss_fn)
         self._stream = None
+        self._data_resume = None  # set by load_state: where the resumed data stream starts
         self._last_eval_tau: dict[str, torch.Tensor] = {}
 
     # -- plumbing for train.Trainer -----------------------------------------------------------
@@ -133,6 +135,7 @@ class CLIPTask:
             seed=self.cfg.run.seed,
             max_text_len=d.max_text_len,
             allow_corrupt=d.allow_corrupt,
+            resume=self._data_resume,
         )
         return self._stream
 
@@ -162,24 +165,27 @@ class CLIPTask:
         return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "data": {
-                "samples_seen": getattr(self._stream, "samples_seen", 0),
-                "epoch": getattr(self._stream, "epoch", 0),
-            }
-        }
+        """This rank's part of a checkpoint: exact data position and DRO state shard."""
+        state: dict[str, Any] = {"data": data_position(self._stream)}
         dro = getattr(self.loss_fn, "dro_state", None)
         if dro is not None:
             state["dro_state"] = dro.state_dict()
         return state
 
     def load_state(self, rank_files: list[Path], old_world: int) -> None:
+        """Re-shard the DRO state and remap the data position from every old rank (any world size)."""
+        from dist_tempnet.checkpoint import read_task_states
+
+        states = read_task_states(rank_files)
+        self._data_resume = resume_data_position(
+            states, self.train_manifest, self.rank, self.world, self.cfg.data.num_workers
+        )
         dro = getattr(self.loss_fn, "dro_state", None)
         if dro is None:
             return
         from dist_tempnet.dro_state import DROState
 
-        shards = [torch.load(p, weights_only=False)["task"]["dro_state"] for p in rank_files]
+        shards = [state["dro_state"] for state in states]
         self.loss_fn.dro_state = DROState.from_shard_states(shards, self.rank, self.world, device=dro.device)
 
     # -- evaluation -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from dist_tempnet import comm
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
+from dist_tempnet.data.pipeline import data_position, resume_data_position
 from dist_tempnet.engine import ParamGroup, default_param_groups
 from dist_tempnet.evaluate import lockstep
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
@@ -168,6 +169,7 @@ class LMTask:
             )
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
         self._stream = None
+        self._data_resume = None  # set by load_state: where the resumed data stream starts
         self.last_tau: torch.Tensor | None = None
 
     # -- plumbing for train.Trainer ------------------------------------------------------------
@@ -210,6 +212,7 @@ class LMTask:
             shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed,
             allow_corrupt=d.allow_corrupt,
+            resume=self._data_resume,
         )
         return self._stream
 
@@ -245,15 +248,17 @@ class LMTask:
         return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
-        return {
-            "data": {
-                "samples_seen": getattr(self._stream, "samples_seen", 0),
-                "epoch": getattr(self._stream, "epoch", 0),
-            }
-        }
+        """This rank's part of a checkpoint: the exact data position."""
+        return {"data": data_position(self._stream)}
 
     def load_state(self, rank_files: list[Path], old_world: int) -> None:
-        return None
+        """Remap the data position from every old rank (any world size)."""
+        from dist_tempnet.checkpoint import read_task_states
+
+        states = read_task_states(rank_files)
+        self._data_resume = resume_data_position(
+            states, self.train_manifest, self.rank, self.world, self.cfg.data.num_workers
+        )
 
     # -- evaluation ------------------------------------------------------------------------------
 

@@ -1,0 +1,30 @@
+"""Keep the throughput benchmarks from rotting: each runs at a tiny size on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, cwd: Path) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def test_train_throughput_tiny(tmp_path):
+    out = _run(str(REPO / "benchmarks" / "train_throughput.py"), "--tiny", "--workdir", str(tmp_path),
+               "--variants", "ce:scratch,tempnet:tempnet_only", cwd=tmp_path)
+    assert "ce:scratch" in out and "tempnet:tempnet_only" in out and "tokens/s" in out
+
+
+def test_clip_throughput_tiny(tmp_path):
+    out = _run(str(REPO / "benchmarks" / "clip_throughput.py"), "--tiny", "--losses", "isogclr_tempnet",
+               "--workdir", str(tmp_path), cwd=tmp_path)
+    assert "isogclr_tempnet" in out and "disk/compute" in out
