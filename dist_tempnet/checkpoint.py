@@ -282,16 +282,57 @@ def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
             "DeepSpeed 0.19.8 cannot re-partition ZeRO-3 state on load. Resume with "
             f"ray.num_workers={old_world}, or convert the checkpoint with DeepSpeed's ds_to_universal."
         )
+    elastic = old_world != world and stage in (1, 2)
+    # DeepSpeed 0.19.8's engine refuses optimizer state saved at another data-parallel size, although
+    # its ZeRO-1/2 optimizer can re-partition the elastic layout: load everything else through the
+    # engine, then the optimizer state ourselves (`_repartition_zero_state`).
     load_path, _ = engine.load_checkpoint(
         str(directory / "deepspeed"),
         tag=meta["tag"],
-        load_optimizer_states=True,
+        load_optimizer_states=not elastic,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise FileNotFoundError(
             f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
         )
+    if elastic:
+        _repartition_zero_state(engine, directory / "deepspeed" / meta["tag"], old_world)
+
+
+def _repartition_zero_state(engine, tag_dir: Path, old_world: int) -> None:
+    """Load ZeRO-1/2 fp32 master weights and Adam moments saved by `old_world` ranks into this
+    run's partitions, with DeepSpeed's own elastic-checkpoint routines (pinned DeepSpeed 0.19.8)."""
+    names = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(old_world)]
+    states = [torch.load(n, map_location="cpu", weights_only=False)["optimizer_state_dict"] for n in names]
+    if isinstance(states[0]["base_optimizer_state"], dict):
+        raise RuntimeError(
+            f"{tag_dir}: optimizer state was saved without DeepSpeed's elastic_checkpoint layout, so it "
+            f"cannot be re-partitioned; resume with ray.num_workers={old_world}"
+        )
+    optimizer = engine.optimizer
+    optimizer._load_global_state(states[0])
+    _restore_adam_partitions(optimizer, states)
+    optimizer._restore_from_elastic_fp32_weights(states)
+    optimizer._link_all_hp_params()
+
+
+def _restore_adam_partitions(optimizer, states: list[dict[str, Any]]) -> None:
+    # DeepSpeed's _restore_elastic_base_optimizer_state does this too, but asserts a param-group
+    # "step" that torch's Adam keeps per parameter state instead.
+    for i, group in enumerate(optimizer.optimizer.param_groups):
+        flat = group["params"][0]
+        saved = [sd["base_optimizer_state"][i] for sd in states]
+        for key in saved[0]:
+            values = [s[key] for s in saved]
+            per_rank = all(
+                torch.is_tensor(v) and v.shape == sd["single_partition_of_fp32_groups"][i].shape
+                for v, sd in zip(values, states)
+            )
+            value = optimizer._partition_base_optimizer_state(key, values, i, is_partition_state=per_rank)
+            if torch.is_tensor(value):
+                value = value.detach().clone().to(flat.device if per_rank else value.device)
+            optimizer.optimizer.state[flat][key] = value
 
 
 def load_into(directory: Path, engine, task) -> dict[str, Any]:

@@ -13,16 +13,18 @@ run, and the runs' own `tau_histogram.png` artifacts tiled into one figure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import math
+import os
 import re
 import statistics
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -779,6 +781,21 @@ def plot_tau_final(records: Sequence[RunRecord], style: Styler, path: Path) -> P
     return _save(fig, path)
 
 
+@contextlib.contextmanager
+def _quiet_artifact_downloads() -> Iterator[None]:
+    # MLflow draws its own download bar for every artifact, even into logs; one per run is noise.
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    saved = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+
+
 def _download_tau_histograms(
     client, records: Sequence[RunRecord], dest: Path
 ) -> list[tuple[RunRecord, Path]]:
@@ -790,7 +807,9 @@ def _download_tau_histograms(
                 continue
             target = dest / r.run_id
             target.mkdir(parents=True, exist_ok=True)
-            found.append((r, Path(client.download_artifacts(r.run_id, "tau_histogram.png", str(target)))))
+            with _quiet_artifact_downloads():
+                local = client.download_artifacts(r.run_id, "tau_histogram.png", str(target))
+            found.append((r, Path(local)))
         except Exception as exc:  # noqa: BLE001 - a missing artifact store must not sink the comparison
             warnings.warn(f"run {r.name}: could not fetch tau_histogram.png ({exc})", stacklevel=2)
     return found
@@ -992,6 +1011,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     try:
         client, uri = make_client(args.tracking_uri)
         experiment = args.experiment
@@ -1002,6 +1023,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         runs = select_runs(client, experiment, args.run_ids, args.filter, args.max_runs)
     except CompareError as exc:
         print(f"dist-tempnet compare: {exc}", file=sys.stderr)
+        return 2
+    except MlflowException as exc:  # e.g. a malformed --filter
+        print(f"dist-tempnet compare: MLflow refused the query: {exc.message}", file=sys.stderr)
         return 2
     if not runs:
         print("dist-tempnet compare: no runs matched", file=sys.stderr)

@@ -254,7 +254,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{text}': key must be dotted, e.g. train.steps=50")
-    return parts, yaml.safe_load(value) if value.strip() else ""
+    if not value.strip():
+        return parts, ""
+    try:
+        return parts, yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.problem or exc})") from exc
 
 
 def _apply_override(raw: dict[str, Any], parts: list[str], value: Any) -> None:

@@ -224,11 +224,15 @@ def _build_for_data(cfg: Config, ckpt: Path, meta: dict[str, Any], data: str | N
     then point evaluation at `data`. If the training data is gone, `data` must provide both."""
     from dist_tempnet.data import resolve_manifest
 
-    if data:
-        try:
-            resolve_manifest(cfg.data.path, cfg.data.train_split)
-        except FileNotFoundError:
-            cfg.data.path = str(Path(data).resolve())
+    try:
+        resolve_manifest(cfg.data.path, cfg.data.train_split)
+    except FileNotFoundError as exc:
+        if not data:
+            raise EvalError(
+                f"the training data '{cfg.data.path}' is not available (its train split holds the tokenizer "
+                "and sample count the model was built with); pass --data DIR"
+            ) from exc
+        cfg.data.path = str(Path(data).resolve())
     task, engine = build_and_load(cfg, ckpt, meta)
     if data:
         cfg.data.path = str(Path(data).resolve())  # the task reads cfg.data.path when it evaluates

@@ -36,7 +36,7 @@ def recall_at_k(
     Ties count against the query (a match only counts when strictly fewer items score higher)."""
     sims = F.normalize(query.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).t()
     true = sims.diagonal().unsqueeze(1)
-    rank = (sims > true).sum(dim=1)  # 0 = best
+    rank = (sims >= true).sum(dim=1) - 1  # 0 = best; the match itself is the one subtracted
     return {k: float((rank < k).float().mean()) for k in ks}
 
 

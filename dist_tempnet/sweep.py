@@ -121,7 +121,9 @@ class SweepPlan:
     configs: list[Config] = field(default_factory=list)
 
 
-_FIXED_KEYS = ("mlflow.experiment", "mlflow.tracking_uri", "mlflow.enabled")
+# One sweep = one experiment in one store; run names are the sweep's to assign.
+_SHARED_KEYS = ("mlflow.experiment", "mlflow.tracking_uri", "mlflow.enabled")
+_ASSIGNED_KEYS = ("run.name", "mlflow.run_name")
 
 
 def plan_sweep(
@@ -133,20 +135,22 @@ def plan_sweep(
     for axis in axes:
         if axis.key in set_keys:
             raise ConfigError(f"sweep: '{axis.key}' is both in --grid and --set")
-        if axis.key in _FIXED_KEYS or axis.key.startswith("mlflow.tags"):
+        if axis.key in _SHARED_KEYS or axis.key.startswith("mlflow.tags"):
             raise ConfigError(
                 f"sweep: '{axis.key}' cannot vary inside one sweep (all runs share one experiment)"
             )
+        if axis.key in _ASSIGNED_KEYS:
+            raise ConfigError(f"sweep: '{axis.key}' is set by the sweep for each point (use --name)")
     points = expand_grid(axes)
     base = load_config(config_path, list(sets))
+    if not base.mlflow.enabled:
+        raise ConfigError("sweep: mlflow.enabled=false; a sweep records its runs in MLflow")
     sweep_name = name or f"{base.run.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = SweepPlan(sweep_name, list(sets), axes, points, base)
     for point in points:
         cfg = load_config(config_path, [*sets, *point.overrides])
         _name_child(cfg, plan.name, point)
         plan.configs.append(cfg)
-    if not base.mlflow.enabled:
-        raise ConfigError("sweep: mlflow.enabled=false; a sweep records its runs in MLflow")
     return plan
 
 
@@ -155,7 +159,7 @@ def _name_child(cfg: Config, sweep_name: str, point: GridPoint) -> None:
     cfg.mlflow.run_name = f"{sweep_name}/{point.label}"
 
 
-def _start_parent(plan: SweepPlan, client, tracking_uri: str) -> str:
+def _start_parent(plan: SweepPlan, client) -> str:
     from dist_tempnet.config import dump_config
     from dist_tempnet.tracking import git_commit
 
@@ -251,7 +255,7 @@ def run_sweep(
     for cfg in plan.configs:
         cfg.mlflow.tracking_uri = uri  # one store for parent and children, whatever the working dir
     client = MlflowClient(tracking_uri=uri)
-    parent_id = _start_parent(plan, client, uri)
+    parent_id = _start_parent(plan, client)
     print(
         f"[dist-tempnet sweep] {plan.name}: {len(plan.points)} runs, parent MLflow run {parent_id} ({uri})",
         flush=True,

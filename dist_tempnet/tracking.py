@@ -97,11 +97,19 @@ class Tracker:
     def enabled(self) -> bool:
         return self.client is not None
 
-    def _call(self, fn, *args, **kwargs) -> bool:
+    def _drop_invalid(self, exc: Exception) -> None:
+        # The server rejected the values themselves: retrying would block every later metric.
+        warnings.warn(f"MLflow rejected a metric batch as invalid, dropping it: {exc}", stacklevel=4)
+        del self._pending[:1000]
+
+    def _call(self, fn, *args, on_invalid=None, **kwargs) -> bool:
         try:
             fn(*args, **kwargs)
             return True
         except Exception as exc:  # noqa: BLE001 - tracking must never kill training
+            if on_invalid is not None and getattr(exc, "error_code", "") == "INVALID_PARAMETER_VALUE":
+                on_invalid(exc)
+                return False
             self.failures += 1
             if not self._warned:
                 warnings.warn(
@@ -125,7 +133,7 @@ class Tracker:
         if not self.enabled or not self._pending:
             return
         batch = self._pending[:1000]
-        if self._call(self.client.log_batch, self.run_id, metrics=batch):
+        if self._call(self.client.log_batch, self.run_id, metrics=batch, on_invalid=self._drop_invalid):
             del self._pending[: len(batch)]
             if self._pending:
                 self.flush()

@@ -503,6 +503,12 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     return final
 
 
+def _terminate_run(loop_config: dict[str, Any], status: str) -> None:
+    """Without Ray there is no driver to close the MLflow run: rank 0 does."""
+    if loop_config.get("mlflow_run_id") and comm.rank() == 0:
+        Tracker(loop_config["tracking_uri"], loop_config["mlflow_run_id"]).terminate(status)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one rank without Ray: `python -m dist_tempnet.train --config cfg.yaml key=value ...`.
 
@@ -526,7 +532,12 @@ def main(argv: list[str] | None = None) -> None:
             loop_config["tracking_uri"], loop_config["mlflow_run_id"] = start_run(cfg, world)
         except ImportError as exc:
             print(f"[dist-tempnet] MLflow not available ({exc}); tracking disabled", file=sys.stderr)
-    final = train_worker(loop_config)
+    try:
+        final = train_worker(loop_config)
+    except BaseException:
+        _terminate_run(loop_config, "FAILED")
+        raise
+    _terminate_run(loop_config, "FINISHED")
     if int(os.environ.get("RANK", "0")) == 0:
         print({k: round(v, 5) for k, v in final.items()})
 

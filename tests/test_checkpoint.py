@@ -47,7 +47,7 @@ def tiny_overrides(data: Path, world: int, steps: int, micro: int = 4, extra: li
         "train.warmup_steps=1",
         "train.log_every=1",
         "checkpoint.every=2",
-        "checkpoint.keep_last=3",
+        "checkpoint.keep_last=5",
         "eval.max_batches=1",
         "eval.zero_shot=false",
         "mlflow.enabled=false",
@@ -113,10 +113,11 @@ def test_elastic_data_position_sees_every_sample_once(clip_data):
 def _trainer_worker(rank: int, world: int, data: str, root: str, steps: int, micro: int, env: dict,
                     extra: list[str]) -> dict:
     """Build a Trainer (resuming from `root` if it holds a checkpoint), then fit; returns what the
-    tests compare: the step it resumed at, the DRO shard after loading and at the end, and the fp32
-    master weights / Adam moments after loading."""
+    tests compare: the step it resumed at, the DRO shard and fp32 master weights after loading and at
+    the end. With `resave` in env, the engine state right after loading is saved there again (to
+    compare the re-partitioned optimizer state with the saved one)."""
     os.environ.update(env)
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+    from deepspeed.utils import safe_get_full_fp32_param
 
     from dist_tempnet.checkpoint import FaultPlan, LocalSink
     from dist_tempnet.train import Trainer
@@ -125,14 +126,12 @@ def _trainer_worker(rank: int, world: int, data: str, root: str, steps: int, mic
     trainer = Trainer(cfg, {}, LocalSink(Path(root), cfg.checkpoint.keep_last, fault=FaultPlan.from_env()))
 
     def snapshot():
-        named = list(trainer.engine.module.named_parameters())
-        return {
-            "weights": {n: safe_get_full_fp32_param(p).clone() for n, p in named},
-            "exp_avg": {n: safe_get_full_optimizer_state(p, "exp_avg").clone() for n, p in named[:3]},
-        }
+        return {n: safe_get_full_fp32_param(p).clone() for n, p in trainer.engine.module.named_parameters()}
 
     out = {"resumed_step": trainer.resumed_step, "dro_loaded": trainer.task.loss_fn.dro_state.state_dict()}
     out["loaded"] = snapshot() if trainer.resumed_step is not None else None
+    if env.get("resave"):
+        trainer.engine.save_checkpoint(env["resave"], tag="reloaded")
     try:
         trainer.fit()
     except Exception as exc:  # noqa: BLE001 - the guard test inspects it
@@ -156,6 +155,20 @@ def _dro_table(states: list[dict]) -> dict[str, torch.Tensor]:
     return {name: full.field(name).clone() for name in full.fields} | {"visited": full.visited.clone()}
 
 
+def _full_adam_state(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Every param group's Adam moments and fp32 master weights, unpartitioned (ZeRO-2 elastic
+    layout: each rank holds an unpadded slice of each group's flat vector)."""
+    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda p: int(p.name.split("_")[3]))
+    states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
+    full = {}
+    for group in range(len(states[0]["single_partition_of_fp32_groups"])):
+        full[f"fp32/{group}"] = torch.cat([s["single_partition_of_fp32_groups"][group] for s in states])
+        for key in ("exp_avg", "exp_avg_sq"):
+            full[f"{key}/{group}"] = torch.cat([s["base_optimizer_state"][group][key] for s in states])
+    return full
+
+
 def _assert_same_dro(a: list[dict], b: list[dict]) -> None:
     ta, tb = _dro_table(a), _dro_table(b)
     assert ta.keys() == tb.keys()
@@ -170,16 +183,19 @@ def test_elastic_resume_4_to_2_to_1(clip_data, tmp_path):
     root, seen = tmp_path / "ckpt", tmp_path / "seen"
     env = {"DIST_TEMPNET_SEEN_IDS": str(seen)}
     four = _train(4, clip_data, root, steps=3, micro=4, env=env)
-    two = _train(2, clip_data, root, steps=5, micro=4, env=env)  # accumulation 1 → 2
+    two = _train(2, clip_data, root, steps=5, micro=4, env=env | {"resave": str(tmp_path / "resaved")})
     one = _train(1, clip_data, root, steps=8, micro=8, env=env)  # accumulation 2 → 2 (micro 8)
     assert [r["resumed_step"] for r in two] == [3, 3] and one[0]["resumed_step"] == 5
     _assert_same_dro([r["dro_final"] for r in four], [r["dro_loaded"] for r in two])
     _assert_same_dro([r["dro_final"] for r in two], [r["dro_loaded"] for r in one])
     for before, after in ((four[0]["final"], two[0]["loaded"]), (two[0]["final"], one[0]["loaded"])):
-        for name, value in before["weights"].items():
-            assert torch.equal(value, after["weights"][name]), name
-        for name, value in before["exp_avg"].items():
-            assert torch.equal(value, after["exp_avg"][name]), f"Adam exp_avg of {name} not re-partitioned"
+        for name, value in before.items():
+            assert torch.equal(value, after[name]), name
+    saved = _full_adam_state(root / "step_00000003" / "deepspeed" / "step_00000003")
+    reloaded = _full_adam_state(tmp_path / "resaved" / "reloaded")
+    assert saved.keys() == reloaded.keys()
+    for key in saved:
+        assert torch.equal(saved[key], reloaded[key]), f"optimizer state {key} not re-partitioned exactly"
     from dist_tempnet.train import seen_ids_by_epoch
 
     by_epoch = seen_ids_by_epoch(seen)

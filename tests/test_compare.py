@@ -241,6 +241,12 @@ def test_selection_by_ids_filter_and_parent(store):
         select_runs(client, run_ids=["0" * 32])
 
 
+def test_bad_filter_is_one_line(store, capsys):
+    assert cli.main(["compare", "--tracking-uri", store["uri"], "--filter", "tags.method === 'clip'"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dist-tempnet compare: MLflow refused the query") and "Traceback" not in err
+
+
 def test_missing_store_is_a_clear_error(tmp_path):
     with pytest.raises(CompareError, match="no MLflow store"):
         make_client(f"sqlite:///{tmp_path / 'absent.db'}")
@@ -317,6 +323,8 @@ def test_grid_expansion_order_and_values():
         (["run.seed=0,0"], [], "listed twice"),
         (["run.seed=0,1"], ["run.seed=3"], "'run.seed' is both in --grid and --set"),
         (["mlflow.experiment=a,b"], [], "cannot vary inside one sweep"),
+        (["run.name=a,b"], [], "set by the sweep"),
+        (["run.seed=0,1"], ["mlflow.enabled=false"], "records its runs in MLflow"),
         (["seed=0,1"], [], "key must be dotted"),
         (["train.betas=[0.9,0.98],[0.8"], [], "'train.betas': value '\\[0.8' is not valid YAML"),
         (["run.seed=0,1"], ["train.stepz=3"], "unknown key 'train.stepz'"),

@@ -62,11 +62,6 @@ def test_retrieval_metrics_both_directions():
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recall_at_k counts ties in the query's favour (rank = #strictly higher), "
-    "so collapsed embeddings score a perfect recall; its docstring says ties count against",
-)
 def test_recall_ties_count_against_the_query():
     collapsed = torch.ones(8, 4)  # every image and text embedding identical: no retrieval ability at all
     assert recall_at_k(collapsed, collapsed, ks=(1,))[1] == 0.0

@@ -171,7 +171,8 @@ def local_cluster(tmp_path_factory):
         )
         assert start.returncode == 0, start.stdout + start.stderr
         assert (home / ".ray" / "auth_token").is_file(), "local_cluster.sh start should generate a token"
-        env["RAY_ADDRESS"] = f"http://127.0.0.1:{dashboard}"
+        # What `local_cluster.sh start` tells users to export.
+        env.update(RAY_ADDRESS=f"http://127.0.0.1:{dashboard}", RAY_AUTH_MODE="token")
         yield env
     finally:
         stop = subprocess.run([str(CLUSTER_SH), "stop"], env=env, capture_output=True, text=True, timeout=120)

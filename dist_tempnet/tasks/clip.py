@@ -218,9 +218,11 @@ class CLIPTask:
         imgs, txts, labels = [], [], []
         limit = self.cfg.eval.max_batches
         for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
+            if limit and i >= limit:  # every rank has the same limit, so lockstep holds
+                break
             b = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             img, txt = module.embed(b["pixel_values"], b["input_ids"], b["attention_mask"])
-            if real and (not limit or i < limit):
+            if real:
                 imgs.append(img)
                 txts.append(txt)
                 if "labels" in b:

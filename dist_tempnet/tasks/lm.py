@@ -278,9 +278,11 @@ class LMTask:
             )
             limit = self.cfg.eval.max_batches
             for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
+                if limit and i >= limit:  # every rank has the same limit, so lockstep holds
+                    break
                 ids = batch["input_ids"].to(self.device)
                 batch_sums = module(ids[:, :-1], ids[:, 1:], None, eval_sums=True)
-                if real and (not limit or i < limit):
+                if real:
                     sums += batch_sums
             sums = comm.all_reduce_sum(sums)
         finally:

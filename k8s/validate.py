@@ -1,0 +1,831 @@
+"""Render our kustomize overlays and validate them offline: no cluster, no network, no kubectl.
+
+    python k8s/validate.py                       # every overlay under k8s/overlays
+    python k8s/validate.py k8s/overlays/gpu-8x   # one overlay
+    python k8s/validate.py --print k8s/overlays/cpu-demo | kubectl apply -f -
+
+Rendering implements the kustomize features these manifests use, and refuses any other
+kustomization key: resources (files and directories), namespace, configMapGenerator (files,
+literals, behavior create/merge, with generatorOptions.disableNameSuffixHash: true), images, and
+patches (JSON 6902 op lists, or strategic-merge mappings: maps merge, lists of named items merge
+by name for built-in kinds, other lists are replaced — as kustomize does for custom resources).
+
+Validation:
+- built-in kinds against the Kubernetes OpenAPI schemas shipped with `kubernetes-validate`, strict;
+- RayJob / RayCluster against the KubeRay CRDs' openAPIV3Schema (../shared/k8s-schemas, or
+  DT_K8S_SCHEMAS), with unknown fields forbidden except under x-kubernetes-preserve-unknown-fields
+  (kubernetes-validate accepts unknown kinds silently, so it cannot check these);
+- semantics the schemas cannot express: ttlSecondsAfterFinished needs shutdownAfterJobFinishes,
+  submissionMode is one KubeRay knows, GPU worker groups request nvidia.com/gpu, every Ray pod
+  mounts a memory-backed /dev/shm, entrypoints are real `dist-tempnet` commands whose config is in
+  the mounted ConfigMap and validates (and fits the worker groups), one image at the project's
+  version everywhere and rayVersion = the pinned Ray, MLFLOW_TRACKING_URI names an existing Service
+  whose server accepts that Host header, non-root security contexts, no Secret values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import fnmatch
+import json
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+K8S_DIR = Path(__file__).resolve().parent
+REPO = K8S_DIR.parent
+K8S_VERSION = "1.32.0"
+IMAGE_REPOSITORY = "ghcr.io/dist-tempnet/dist-tempnet"
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+SUPPORTED_KEYS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "configMapGenerator",
+    "generatorOptions",
+    "images",
+    "patches",
+}
+CLUSTER_SCOPED = {
+    "Namespace",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "CustomResourceDefinition",
+    "PersistentVolume",
+    "StorageClass",
+    "PriorityClass",
+}
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+class RenderError(ValueError):
+    """A kustomization this renderer cannot (or refuses to) render."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def kustomization_file(directory: Path) -> Path:
+    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
+        if (directory / name).is_file():
+            return directory / name
+    raise RenderError(f"{directory}: no kustomization.yaml")
+
+
+def resource_id(doc: dict[str, Any]) -> tuple[str, str, str]:
+    meta = doc.get("metadata", {})
+    return doc.get("kind", ""), meta.get("namespace", ""), meta.get("name", "")
+
+
+def render(directory: str | Path) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize --load-restrictor LoadRestrictionsNone DIR` would print."""
+    directory = Path(directory).resolve()
+    path = kustomization_file(directory)
+    spec = yaml.safe_load(path.read_text()) or {}
+    unsupported = sorted(set(spec) - SUPPORTED_KEYS)
+    if unsupported:
+        raise RenderError(f"{path}: kustomization keys {unsupported} are not supported by k8s/validate.py")
+    docs: list[dict[str, Any]] = []
+    for entry in spec.get("resources", []):
+        target = directory / entry
+        docs += render(target) if target.is_dir() else load_documents(target)
+    docs = generate_configmaps(spec, directory, docs)
+    for patch in spec.get("patches", []):
+        apply_patch(patch, directory, docs)
+    if spec.get("namespace"):
+        for doc in docs:
+            if doc.get("kind") not in CLUSTER_SCOPED:
+                doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
+    for image in spec.get("images", []):
+        for doc in docs:
+            set_image(doc, image)
+    return docs
+
+
+def generate_configmaps(spec: dict[str, Any], directory: Path, docs: list[dict]) -> list[dict]:
+    generators = spec.get("configMapGenerator", [])
+    if generators and not (spec.get("generatorOptions") or {}).get("disableNameSuffixHash"):
+        raise RenderError(
+            f"{directory}: configMapGenerator needs generatorOptions.disableNameSuffixHash: true "
+            "(custom resources would not see a hashed name)"
+        )
+    for gen in generators:
+        data: dict[str, str] = {}
+        for item in gen.get("files", []):
+            key, _, rel = item.rpartition("=") if "=" in item else ("", "", item)
+            file = directory / rel
+            if not file.is_file():
+                raise RenderError(f"{directory}: configMapGenerator {gen['name']}: file {rel} not found")
+            data[key or file.name] = file.read_text()
+        for literal in gen.get("literals", []):
+            key, _, value = literal.partition("=")
+            data[key] = value
+        behavior = gen.get("behavior", "create")
+        existing = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == gen["name"]]
+        if behavior == "create":
+            if existing:
+                raise RenderError(
+                    f"{directory}: ConfigMap {gen['name']} already exists (use behavior: merge)"
+                )
+            docs.append(
+                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data}
+            )
+        elif behavior in ("merge", "replace"):
+            if not existing:
+                raise RenderError(
+                    f"{directory}: behavior {behavior}: no ConfigMap {gen['name']} to {behavior}"
+                )
+            existing[0]["data"] = ({} if behavior == "replace" else existing[0].get("data", {})) | data
+        else:
+            raise RenderError(f"{directory}: unknown configMapGenerator behavior {behavior!r}")
+    return docs
+
+
+def matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
+    group, _, version = doc.get("apiVersion", "").rpartition("/")
+    checks = {
+        "group": group,
+        "version": version,
+        "kind": doc.get("kind"),
+        "name": doc["metadata"].get("name"),
+        "namespace": doc["metadata"].get("namespace", ""),
+    }
+    unknown = set(target) - set(checks)
+    if unknown:
+        raise RenderError(f"patch target keys {sorted(unknown)} are not supported")
+    return all(checks[k] == v for k, v in target.items())
+
+
+def apply_patch(patch: dict[str, Any], directory: Path, docs: list[dict]) -> None:
+    text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
+    body = yaml.safe_load(text)
+    target = patch.get("target")
+    if target is None:
+        if not isinstance(body, dict):
+            raise RenderError(f"{directory}: a JSON patch needs a target")
+        target = {"kind": body["kind"], "name": body["metadata"]["name"]}
+    hits = [d for d in docs if matches(d, target)]
+    if not hits:
+        raise RenderError(f"{directory}: patch {patch.get('path', '(inline)')} matches no resource: {target}")
+    for doc in hits:
+        if isinstance(body, list):
+            json_patch(doc, body)
+        else:
+            strategic_merge(doc, body, builtin=is_builtin(doc))
+
+
+def is_builtin(doc: dict[str, Any]) -> bool:
+    group = doc.get("apiVersion", "").rpartition("/")[0]
+    return "." not in group or group.endswith(".k8s.io")
+
+
+def strategic_merge(base: dict[str, Any], patch: dict[str, Any], builtin: bool) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            strategic_merge(base[key], value, builtin)
+        elif builtin and _named_list(value) and _named_list(base.get(key)):
+            by_name = {item["name"]: item for item in base[key]}
+            for item in value:
+                if item["name"] in by_name:
+                    strategic_merge(by_name[item["name"]], item, builtin)
+                else:
+                    base[key].append(copy.deepcopy(item))
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _named_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
+
+
+def _pointer(path: str) -> list[str]:
+    if not path.startswith("/"):
+        raise RenderError(f"JSON patch path {path!r} must start with /")
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def _walk(doc: Any, parts: list[str], path: str) -> Any:
+    node = doc
+    for part in parts:
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, ValueError) as exc:
+            raise RenderError(f"JSON patch: {path} does not exist in {resource_id(doc)}") from exc
+    return node
+
+
+def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
+    for op in ops:
+        parts = _pointer(op["path"])
+        parent = _walk(doc, parts[:-1], op["path"])
+        last = parts[-1]
+        kind = op["op"]
+        if kind == "test":
+            if _walk(doc, parts, op["path"]) != op["value"]:
+                raise RenderError(f"JSON patch test failed at {op['path']}")
+        elif kind == "remove":
+            _walk(doc, parts, op["path"])
+            del parent[int(last) if isinstance(parent, list) else last]
+        elif kind == "replace":
+            _walk(doc, parts, op["path"])
+            parent[int(last) if isinstance(parent, list) else last] = copy.deepcopy(op["value"])
+        elif kind == "add":
+            value = copy.deepcopy(op["value"])
+            if isinstance(parent, list):
+                parent.insert(len(parent) if last == "-" else int(last), value)
+            else:
+                parent[last] = value
+        else:
+            raise RenderError(f"JSON patch op {kind!r} is not supported")
+
+
+def split_image(image: str) -> tuple[str, str, str]:
+    """(name, tag, digest) of an image reference."""
+    name, _, digest = image.partition("@")
+    tag = ""
+    if ":" in name.rsplit("/", 1)[-1]:
+        name, _, tag = name.rpartition(":")
+    return name, tag, digest
+
+
+def set_image(node: Any, image: dict[str, Any]) -> None:
+    """kustomize's images transformer: every containers/initContainers entry, at any depth."""
+    if isinstance(node, list):
+        for item in node:
+            set_image(item, image)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        if key in ("containers", "initContainers") and isinstance(value, list):
+            for container in value:
+                if isinstance(container, dict) and "image" in container:
+                    container["image"] = new_image(container["image"], image)
+        set_image(value, image)
+
+
+def new_image(current: str, image: dict[str, Any]) -> str:
+    name, tag, digest = split_image(current)
+    if name != image["name"]:
+        return current
+    name = image.get("newName", name)
+    if "digest" in image:
+        return f"{name}@{image['digest']}"
+    tag = str(image.get("newTag", tag))
+    ref = f"{name}:{tag}" if tag else name
+    return f"{ref}@{digest}" if digest and "newTag" not in image else ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Schema validation
+
+
+def schemas_dir() -> Path | None:
+    import os
+
+    candidates = [Path(os.environ["DT_K8S_SCHEMAS"])] if os.environ.get("DT_K8S_SCHEMAS") else []
+    candidates.append(REPO.parent / "shared" / "k8s-schemas")
+    return next((c for c in candidates if all((c / f).is_file() for f in CRD_FILES.values())), None)
+
+
+def strict_schema(node: Any) -> Any:
+    """The CRD's OpenAPI schema as JSON Schema with unknown fields forbidden.
+
+    Objects that list `properties` get additionalProperties: false unless they already say what
+    extra keys may hold or carry x-kubernetes-preserve-unknown-fields.
+    """
+    if isinstance(node, list):
+        return [strict_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: strict_schema(v) for k, v in node.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if out.get("x-kubernetes-int-or-string") and "anyOf" not in out:
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+_CRD_CACHE: dict[tuple[str, str], dict] = {}
+
+
+def crd_schema(kind: str, version: str, directory: Path) -> dict[str, Any]:
+    key = (kind, version)
+    if key not in _CRD_CACHE:
+        crd = yaml.safe_load((directory / CRD_FILES[kind]).read_text())
+        versions = {v["name"]: v for v in crd["spec"]["versions"]}
+        if version not in versions:
+            raise KeyError(f"{kind} has no version {version} in the CRD (has {', '.join(versions)})")
+        _CRD_CACHE[key] = strict_schema(versions[version]["schema"]["openAPIV3Schema"])
+    return _CRD_CACHE[key]
+
+
+def _where(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def describe(doc: dict[str, Any]) -> str:
+    kind, namespace, name = resource_id(doc)
+    return f"{kind}/{name}" + (f" (namespace {namespace})" if namespace else "")
+
+
+_SCHEMA_RESULTS: dict[str, list[str]] = {}
+
+
+def schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+    """Schema errors of one object, memoized on its content (kubernetes-validate re-reads its
+    multi-megabyte definitions for every object)."""
+    key = json.dumps([str(crd_dir), doc], sort_keys=True, default=str)
+    if key not in _SCHEMA_RESULTS:
+        _SCHEMA_RESULTS[key] = _schema_problems(doc, crd_dir)
+    return list(_SCHEMA_RESULTS[key])
+
+
+def _schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+    import jsonschema
+    import kubernetes_validate
+
+    kind = doc.get("kind", "")
+    if kind in CRD_FILES:
+        if crd_dir is None:
+            return []
+        version = doc.get("apiVersion", "").rpartition("/")[2]
+        validator = jsonschema.Draft7Validator(crd_schema(kind, version, crd_dir))
+        return [
+            f"{describe(doc)}: {_where(e.absolute_path)}: {e.message}"
+            for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
+        ]
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.utils.SchemaNotFoundError:
+        return [f"{describe(doc)}: no Kubernetes {K8S_VERSION} schema for {doc.get('apiVersion')}/{kind}"]
+    except jsonschema.ValidationError as exc:
+        return [f"{describe(doc)}: {_where(exc.absolute_path)}: {exc.message}"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# Semantic checks
+
+
+@dataclass
+class RayGroup:
+    """One pod group of a Ray cluster (head or a worker group)."""
+
+    owner: str
+    name: str
+    is_head: bool
+    replicas: int
+    pod: dict[str, Any]
+    start_params: dict[str, str]
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.pod.get("spec", {}).get("containers", [])
+
+    def resource(self, key: str, kind: str = "limits") -> float:
+        total = 0.0
+        for c in self.containers:
+            value = (c.get("resources", {}).get(kind) or {}).get(key)
+            if value is not None:
+                total += parse_quantity(value)
+        return total
+
+
+def parse_quantity(value: Any) -> float:
+    text = str(value)
+    units = {
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
+
+
+def ray_cluster_spec(doc: dict[str, Any]) -> dict[str, Any] | None:
+    if doc.get("kind") == "RayCluster":
+        return doc.get("spec", {})
+    if doc.get("kind") == "RayJob":
+        return doc.get("spec", {}).get("rayClusterSpec")
+    return None
+
+
+def ray_groups(doc: dict[str, Any]) -> list[RayGroup]:
+    spec = ray_cluster_spec(doc) or {}
+    groups = []
+    head = spec.get("headGroupSpec")
+    if head:
+        groups.append(
+            RayGroup(describe(doc), "head", True, 1, head.get("template", {}), head.get("rayStartParams", {}))
+        )
+    for w in spec.get("workerGroupSpecs", []):
+        groups.append(
+            RayGroup(
+                describe(doc),
+                w.get("groupName", "?"),
+                False,
+                int(w.get("replicas", 1)),
+                w.get("template", {}),
+                w.get("rayStartParams", {}),
+            )
+        )
+    return groups
+
+
+def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, pod template) of every pod a resource creates."""
+    kind = doc.get("kind")
+    if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+        return [(describe(doc), doc["spec"]["template"])]
+    out = [
+        (f"{g.owner} {'head' if g.is_head else 'worker group ' + repr(g.name)}", g.pod)
+        for g in ray_groups(doc)
+    ]
+    if kind == "RayJob" and doc["spec"].get("submitterPodTemplate"):
+        out.append((f"{describe(doc)} submitter", doc["spec"]["submitterPodTemplate"]))
+    return out
+
+
+def check_rayjob_fields(doc: dict[str, Any]) -> list[str]:
+    spec, name = doc.get("spec", {}), describe(doc)
+    problems = []
+    if spec.get("ttlSecondsAfterFinished") and spec.get("shutdownAfterJobFinishes") is not True:
+        problems.append(
+            f"{name}: ttlSecondsAfterFinished={spec['ttlSecondsAfterFinished']} has no effect without "
+            "shutdownAfterJobFinishes: true (KubeRay ignores it and the cluster keeps running)"
+        )
+    mode = spec.get("submissionMode", "K8sJobMode")
+    if mode not in SUBMISSION_MODES:
+        problems.append(f"{name}: submissionMode {mode!r} is not one of {', '.join(SUBMISSION_MODES)}")
+    if not str(spec.get("entrypoint", "")).strip():
+        problems.append(f"{name}: spec.entrypoint is empty")
+    return problems
+
+
+def check_gpu_groups(doc: dict[str, Any]) -> list[str]:
+    problems = []
+    for g in ray_groups(doc):
+        if g.is_head or "gpu" not in g.name.lower():
+            continue
+        limits, requests = g.resource("nvidia.com/gpu"), g.resource("nvidia.com/gpu", "requests")
+        if limits <= 0:
+            problems.append(
+                f"{g.owner}: worker group {g.name!r} is a GPU group but its containers do not request "
+                "nvidia.com/gpu (resources.limits['nvidia.com/gpu'] missing)"
+            )
+        elif requests and requests != limits:
+            problems.append(
+                f"{g.owner}: worker group {g.name!r}: nvidia.com/gpu requests ({requests:g}) must "
+                f"equal limits ({limits:g})"
+            )
+    return problems
+
+
+def check_shm(doc: dict[str, Any]) -> list[str]:
+    problems = []
+    for g in ray_groups(doc):
+        volumes = {v["name"]: v for v in g.pod.get("spec", {}).get("volumes", [])}
+        for c in g.containers:
+            mounts = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
+            volume = volumes.get(mounts[0]["name"], {}) if mounts else {}
+            if volume.get("emptyDir", {}).get("medium") != "Memory":
+                problems.append(
+                    f"{g.owner}: container {c.get('name')!r} ({g.name}) has no memory-backed /dev/shm "
+                    "(mount an emptyDir with medium: Memory at /dev/shm; Ray's object store and NCCL "
+                    "need more than the container default)"
+                )
+    return problems
+
+
+def check_security(doc: dict[str, Any]) -> list[str]:
+    problems = []
+    for where, template in pod_templates(doc):
+        spec = template.get("spec", {})
+        pod_ctx = spec.get("securityContext", {})
+        for c in spec.get("containers", []):
+            ctx = c.get("securityContext", {})
+            if not (
+                ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot"))
+                and ctx.get("runAsUser", pod_ctx.get("runAsUser", 1)) != 0
+            ):
+                problems.append(
+                    f"{where}: container {c.get('name')!r} may run as root (set runAsNonRoot: true)"
+                )
+            if ctx.get("allowPrivilegeEscalation", True) is not False:
+                problems.append(f"{where}: container {c.get('name')!r}: set allowPrivilegeEscalation: false")
+    return problems
+
+
+def configmap_files(docs: list[dict], doc: dict[str, Any], mount_path: str) -> dict[str, str] | None:
+    """The files a ConfigMap mounted at `mount_path` in the head of `doc` provides."""
+    head = next((g for g in ray_groups(doc) if g.is_head), None)
+    if head is None:
+        return None
+    volumes = {v["name"]: v for v in head.pod.get("spec", {}).get("volumes", [])}
+    for c in head.containers:
+        for m in c.get("volumeMounts", []):
+            if m.get("mountPath") == mount_path and "configMap" in volumes.get(m["name"], {}):
+                cm_name = volumes[m["name"]]["configMap"]["name"]
+                namespace = doc["metadata"].get("namespace", "")
+                cm = next((d for d in docs if resource_id(d) == ("ConfigMap", namespace, cm_name)), None)
+                return None if cm is None else dict(cm.get("data", {}))
+    return None
+
+
+def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
+    from dist_tempnet.config import ConfigError
+    from dist_tempnet.submit import check_entrypoint as check_cli_entrypoint
+    from dist_tempnet.submit import parse_cli_entrypoint
+
+    name, entrypoint = describe(doc), str(doc.get("spec", {}).get("entrypoint", ""))
+    try:
+        args = parse_cli_entrypoint(entrypoint)
+    except ValueError as exc:
+        return [f"{name}: {exc}"]
+    if args is None:
+        return [f"{name}: entrypoint {entrypoint!r} does not run the dist-tempnet CLI"]
+    config = getattr(args, "config", None)
+    if not config:
+        return []
+    mount, file_name = str(Path(config).parent), Path(config).name
+    files = configmap_files(docs, doc, mount)
+    if files is None:
+        return [f"{name}: entrypoint reads {config} but no ConfigMap is mounted at {mount} in the head pod"]
+    if file_name not in files:
+        return [
+            f"{name}: entrypoint reads {config} but the ConfigMap mounted at {mount} has only "
+            f"{', '.join(sorted(files)) or 'no files'}"
+        ]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / file_name
+        local.write_text(files[file_name])
+        try:
+            cfg = check_cli_entrypoint(entrypoint, lambda _path: str(local))
+        except ConfigError as exc:
+            return [f"{name}: the entrypoint's config does not validate: {exc}"]
+    return check_capacity(doc, cfg) if cfg is not None and args.command == "train" else []
+
+
+def check_capacity(doc: dict[str, Any], cfg) -> list[str]:
+    """The config's Ray workers fit the cluster's worker groups (GPUs, then CPUs)."""
+    groups = ray_groups(doc)
+    gpus = sum(g.replicas * g.resource("nvidia.com/gpu") for g in groups)
+    cpus = 0.0
+    for g in groups:
+        declared = g.start_params.get("num-cpus")
+        cpus += g.replicas * (float(declared) if declared is not None else g.resource("cpu"))
+    r = cfg.ray
+    problems = []
+    use_gpu = r.use_gpu == "true" or (r.use_gpu == "auto" and gpus > 0)
+    if use_gpu and r.num_workers > gpus:
+        problems.append(
+            f"{describe(doc)}: ray.num_workers={r.num_workers} GPU workers but the worker groups have "
+            f"{gpus:g} GPUs"
+        )
+    if r.num_workers * r.cpus_per_worker > cpus:
+        problems.append(
+            f"{describe(doc)}: ray.num_workers × ray.cpus_per_worker = "
+            f"{r.num_workers * r.cpus_per_worker} CPUs but the cluster offers {cpus:g}"
+        )
+    return problems
+
+
+def project_versions() -> tuple[str, str]:
+    """(package version, pinned Ray version) from pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ray = next(d for d in project["dependencies"] if d.startswith("ray"))
+    return project["version"], ray.split("==")[1]
+
+
+def dockerfile_ray_version() -> str:
+    text = (K8S_DIR / "image" / "Dockerfile").read_text()
+    match = re.search(r"rayproject/ray:(\d+\.\d+\.\d+)", text)
+    return match.group(1) if match else ""
+
+
+def check_versions(docs: list[dict]) -> list[str]:
+    version, ray_version = project_versions()
+    expected = f"{IMAGE_REPOSITORY}:{version}"
+    problems = []
+    for doc in docs:
+        for where, template in pod_templates(doc):
+            for c in template.get("spec", {}).get("containers", []):
+                name, _, _ = split_image(c.get("image", ""))
+                if name.endswith("dist-tempnet") and c["image"] != expected:
+                    problems.append(
+                        f"{where}: container {c.get('name')!r} runs {c['image']}, expected {expected} "
+                        "(the one image, at the package version in pyproject.toml)"
+                    )
+        spec = ray_cluster_spec(doc)
+        if spec is not None and str(spec.get("rayVersion")) != ray_version:
+            problems.append(
+                f"{describe(doc)}: rayVersion {spec.get('rayVersion')!r} but pyproject.toml pins "
+                f"ray=={ray_version}"
+            )
+    if dockerfile_ray_version() != ray_version:
+        problems.append(
+            f"k8s/image/Dockerfile builds on Ray {dockerfile_ray_version() or '?'} but pyproject.toml "
+            f"pins ray=={ray_version}"
+        )
+    return problems
+
+
+def _env(container: dict[str, Any], key: str) -> str | None:
+    return next((e.get("value") for e in container.get("env", []) if e.get("name") == key), None)
+
+
+def check_mlflow(docs: list[dict]) -> list[str]:
+    """Training pods point at a Service that exists, and its server accepts that Host header."""
+    from urllib.parse import urlparse
+
+    problems = []
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        for g in ray_groups(doc):
+            for c in g.containers:
+                uri = _env(c, "MLFLOW_TRACKING_URI")
+                if not uri:
+                    problems.append(
+                        f"{g.owner}: container {c.get('name')!r} ({g.name}) has no MLFLOW_TRACKING_URI"
+                    )
+                    continue
+                url = urlparse(uri)
+                host, port = url.hostname or "", url.port or 80
+                service = next(
+                    (d for d in docs if resource_id(d) == ("Service", namespace, host.split(".")[0])), None
+                )
+                if service is None or port not in [p["port"] for p in service["spec"].get("ports", [])]:
+                    problems.append(
+                        f"{g.owner}: MLFLOW_TRACKING_URI {uri} names no Service port in the manifests"
+                    )
+                    continue
+                problems += _allowed_hosts_problems(
+                    docs, service, namespace, f"{host}:{port}", mlflow_allows_host
+                )
+    return sorted(set(problems))
+
+
+def mlflow_allows_host(allowed_hosts: list[str], host: str) -> bool:
+    """MLflow 3's Host-header rule (mlflow.server.security_utils.is_allowed_host_header): a pattern
+    with '*' is an fnmatch pattern, anything else must equal the header (port included). Kept here
+    because importing mlflow.server takes seconds; tests/test_k8s.py checks both agree."""
+    if not host:
+        return False
+    return "*" in allowed_hosts or any(
+        fnmatch.fnmatch(host, pattern) if "*" in pattern else host == pattern for pattern in allowed_hosts
+    )
+
+
+def _allowed_hosts_problems(docs, service, namespace, host_header, is_allowed) -> list[str]:
+    selector = service["spec"].get("selector", {})
+    servers = [
+        d
+        for d in docs
+        if d.get("kind") == "Deployment"
+        and d["metadata"].get("namespace", "") == namespace
+        and selector.items() <= d["spec"]["template"]["metadata"].get("labels", {}).items()
+    ]
+    problems = []
+    for server in servers:
+        for c in server["spec"]["template"]["spec"]["containers"]:
+            args = c.get("args", [])
+            allowed = next((a.split("=", 1)[1] for a in args if a.startswith("--allowed-hosts=")), None)
+            if allowed is None:
+                problems.append(
+                    f"{describe(server)}: mlflow server without --allowed-hosts rejects requests for "
+                    f"Host {host_header} (MLflow 3 only allows localhost and private IPs by default)"
+                )
+                continue
+            hosts = [h.strip() for h in allowed.split(",")]
+            name = service["metadata"]["name"]
+            port = host_header.rsplit(":", 1)[1]
+            for header in (host_header, f"{name}.{namespace or 'default'}.svc.cluster.local:{port}"):
+                if not is_allowed(hosts, header):
+                    problems.append(f"{describe(server)}: --allowed-hosts does not accept Host {header}")
+    return problems
+
+
+def check_references(docs: list[dict]) -> list[str]:
+    """Volumes name PVCs/ConfigMaps that exist; no Secret carries values."""
+    problems = []
+    present = {resource_id(d) for d in docs}
+    for doc in docs:
+        if doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+            problems.append(
+                f"{describe(doc)}: secret values must not live in the repository; reference a Secret "
+                "created out of band"
+            )
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        for where, template in pod_templates(doc):
+            for v in template.get("spec", {}).get("volumes", []):
+                if "persistentVolumeClaim" in v:
+                    ref = ("PersistentVolumeClaim", namespace, v["persistentVolumeClaim"]["claimName"])
+                elif "configMap" in v:
+                    ref = ("ConfigMap", namespace, v["configMap"]["name"])
+                else:
+                    continue
+                if ref not in present:
+                    problems.append(
+                        f"{where}: volume {v['name']!r} refers to {ref[0]} {ref[2]!r}, which is not "
+                        "in the manifests"
+                    )
+    return problems
+
+
+def check_names(docs: list[dict]) -> list[str]:
+    return [
+        f"{describe(d)}: metadata.name is not a valid DNS-1123 name"
+        for d in docs
+        if not DNS_SUBDOMAIN.match(d.get("metadata", {}).get("name", ""))
+    ]
+
+
+def semantic_problems(docs: list[dict]) -> list[str]:
+    problems = check_names(docs) + check_versions(docs) + check_mlflow(docs) + check_references(docs)
+    for doc in docs:
+        if doc.get("kind") == "RayJob":
+            problems += check_rayjob_fields(doc) + check_entrypoint(doc, docs)
+        if doc.get("kind") in CRD_FILES:
+            problems += check_gpu_groups(doc) + check_shm(doc)
+        problems += check_security(doc)
+    return problems
+
+
+def validate(docs: list[dict], crd_dir: Path | None = None) -> list[str]:
+    """Every problem found in the rendered objects, each naming the resource and the field."""
+    problems = []
+    for doc in docs:
+        problems += schema_problems(doc, crd_dir)
+    return problems + semantic_problems(docs)
+
+
+def overlays() -> list[Path]:
+    return sorted(p.parent for p in (K8S_DIR / "overlays").glob("*/kustomization.yaml"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "overlays", nargs="*", type=Path, help="kustomization directories (default: all overlays)"
+    )
+    parser.add_argument("--print", action="store_true", help="print the rendered YAML of one overlay")
+    args = parser.parse_args(argv)
+    targets = args.overlays or overlays()
+    if args.print:
+        if len(targets) != 1:
+            parser.error("--print takes exactly one overlay")
+        print(yaml.safe_dump_all(render(targets[0]), sort_keys=False), end="")
+        return 0
+    crd_dir = schemas_dir()
+    if crd_dir is None:
+        print(
+            "warning: KubeRay CRD schemas not found (../shared/k8s-schemas or DT_K8S_SCHEMAS): "
+            "RayJob/RayCluster schemas not checked",
+            file=sys.stderr,
+        )
+    failed = False
+    for target in targets:
+        docs = render(target)
+        problems = validate(docs, crd_dir)
+        failed |= bool(problems)
+        print(f"{target}: {len(docs)} objects, " + (f"{len(problems)} problem(s)" if problems else "valid"))
+        for p in problems:
+            print(f"  - {p}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""KubeRay/Kubernetes manifests: render the kustomize overlays and validate them offline.
+
+Built-in kinds are checked with kubernetes-validate, RayJob/RayCluster with jsonschema against the
+KubeRay CRDs in ../shared/k8s-schemas (skipped with a reason where absent), plus the semantic
+checks of k8s/validate.py. Broken manifests are made by mutating parsed ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+OVERLAYS = ["gpu-8x", "cpu-demo"]
+
+
+def _load_validator():
+    spec = importlib.util.spec_from_file_location("k8s_validate", REPO / "k8s" / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+kv = _load_validator()
+
+
+@pytest.fixture(scope="module")
+def crd_dir() -> Path:
+    found = kv.schemas_dir()
+    if found is None:
+        pytest.skip(
+            "KubeRay CRD schemas not found in ../shared/k8s-schemas (or DT_K8S_SCHEMAS): "
+            "RayJob/RayCluster schema validation needs them"
+        )
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: kv.render(REPO / "k8s" / "overlays" / name) for name in OVERLAYS}
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def gpu_worker_container(doc: dict) -> dict:
+    spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+    return spec["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+
+
+def test_overlays_cover_the_required_resources(rendered):
+    for name, docs in rendered.items():
+        kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+        assert {
+            ("RayJob", "clip-vitb32-cc12m"),
+            ("RayJob", "llm-1b-zero3"),
+            ("RayCluster", "dist-tempnet"),
+            ("Deployment", "mlflow"),
+            ("Service", "mlflow"),
+            ("PersistentVolumeClaim", "mlflow-artifacts"),
+            ("Deployment", "mlflow-postgres"),
+            ("ConfigMap", "dist-tempnet-configs"),
+        } <= kinds, name
+        assert all(d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"), name
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_is_valid(rendered, crd_dir, overlay):
+    problems = kv.validate(rendered[overlay], crd_dir)
+    assert problems == [], "\n".join(problems)
+
+
+def test_gpu_overlay_shape(rendered):
+    docs = rendered["gpu-8x"]
+    for name in ("clip-vitb32-cc12m", "llm-1b-zero3"):
+        job = find(docs, "RayJob", name)
+        assert job["spec"]["shutdownAfterJobFinishes"] is True and job["spec"]["ttlSecondsAfterFinished"] > 0
+        limits = gpu_worker_container(job)["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8"
+        assert job["spec"]["entrypoint"].startswith("dist-tempnet train --config /configs/")
+    images = {c["image"] for d in docs for _, t in kv.pod_templates(d) for c in t["spec"]["containers"]}
+    assert images == {"ghcr.io/dist-tempnet/dist-tempnet:0.1.0", "postgres:16.4"}
+
+
+def test_cpu_demo_has_no_gpus_and_runs_tiny_configs(rendered):
+    docs = rendered["cpu-demo"]
+    assert "nvidia.com/gpu" not in yaml.safe_dump(docs)
+    entry = find(docs, "RayJob", "clip-vitb32-cc12m")["spec"]["entrypoint"]
+    assert entry.startswith("dist-tempnet train --config /configs/clip_tiny.yaml")
+    files = find(docs, "ConfigMap", "dist-tempnet-configs")["data"]
+    assert {"clip_tiny.yaml", "lm_tiny_scratch.yaml", "clip_vitb32_cc12m.yaml", "llm_1b_zero3.yaml"} <= set(
+        files
+    )
+
+
+def test_configmap_holds_the_repository_configs(rendered):
+    files = find(rendered["gpu-8x"], "ConfigMap", "dist-tempnet-configs")["data"]
+    for name, text in files.items():
+        assert text == (REPO / "configs" / name).read_text()
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl not installed: renderer cross-check skipped"
+)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_renderer_agrees_with_kubectl_kustomize(rendered, overlay):
+    proc = subprocess.run(
+        [
+            "kubectl",
+            "kustomize",
+            "--load-restrictor",
+            "LoadRestrictionsNone",
+            str(REPO / "k8s" / "overlays" / overlay),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    theirs = {kv.resource_id(d): d for d in yaml.safe_load_all(proc.stdout) if d}
+    ours = {kv.resource_id(d): d for d in rendered[overlay]}
+    assert set(ours) == set(theirs)
+    for key in ours:
+        assert ours[key] == theirs[key], key
+
+
+# ---------------------------------------------------------------------------------------------
+# Broken manifests fail with a clear message
+
+
+def mutated(rendered, overlay="gpu-8x") -> list[dict]:
+    return copy.deepcopy(rendered[overlay])
+
+
+def problems_about(docs, crd_dir, *needles: str) -> list[str]:
+    problems = kv.validate(docs, crd_dir)
+    hits = [p for p in problems if all(n in p for n in needles)]
+    assert hits, f"expected a problem mentioning {needles}, got:\n" + "\n".join(problems)
+    return hits
+
+
+def test_unknown_field_in_a_rayjob_is_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    gpu_worker_container(find(docs, "RayJob", "clip-vitb32-cc12m"))["resourcez"] = {}
+    (hit,) = problems_about(docs, crd_dir, "RayJob/clip-vitb32-cc12m", "resourcez")
+    assert "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0]" in hit
+
+
+def test_misplaced_field_in_a_raycluster_is_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    find(docs, "RayCluster", "dist-tempnet")["spec"]["shutdownAfterJobFinishes"] = True  # a RayJob field
+    problems_about(docs, crd_dir, "RayCluster/dist-tempnet", "shutdownAfterJobFinishes")
+
+
+def test_gpu_group_without_gpu_request_is_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    resources = gpu_worker_container(find(docs, "RayJob", "llm-1b-zero3"))["resources"]
+    for part in resources.values():
+        part.pop("nvidia.com/gpu")
+    hits = problems_about(docs, crd_dir, "RayJob/llm-1b-zero3", "'gpu-workers'", "nvidia.com/gpu")
+    assert any("does not request" in h for h in hits)
+    # ... and the job no longer fits: its config asks for 8 GPU workers.
+    problems_about(docs, crd_dir, "RayJob/llm-1b-zero3", "ray.num_workers=8", "0 GPUs")
+
+
+def test_ttl_without_shutdown_and_bad_submission_mode_are_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    job = find(docs, "RayJob", "clip-vitb32-cc12m")
+    job["spec"]["shutdownAfterJobFinishes"] = False
+    job["spec"]["submissionMode"] = "K8sMode"
+    problems_about(docs, crd_dir, "ttlSecondsAfterFinished", "shutdownAfterJobFinishes: true")
+    problems_about(docs, crd_dir, "submissionMode 'K8sMode'", "K8sJobMode")
+
+
+def test_missing_dev_shm_is_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    container = gpu_worker_container(find(docs, "RayCluster", "dist-tempnet"))
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/dev/shm"]
+    problems_about(docs, crd_dir, "RayCluster/dist-tempnet", "/dev/shm")
+
+
+def test_entrypoints_must_be_real_commands_with_valid_configs(rendered, crd_dir):
+    docs = mutated(rendered)
+    find(docs, "RayJob", "clip-vitb32-cc12m")["spec"]["entrypoint"] = (
+        "dist-tempnet trian --config /configs/x.yaml"
+    )
+    problems_about(docs, crd_dir, "RayJob/clip-vitb32-cc12m", "not a valid dist-tempnet command")
+
+    docs = mutated(rendered)
+    find(docs, "RayJob", "clip-vitb32-cc12m")["spec"]["entrypoint"] = "python train.py"
+    problems_about(docs, crd_dir, "does not run the dist-tempnet CLI")
+
+    docs = mutated(rendered)
+    job = find(docs, "RayJob", "llm-1b-zero3")
+    job["spec"]["entrypoint"] = "dist-tempnet train --config /configs/llm_7b.yaml"
+    problems_about(docs, crd_dir, "/configs/llm_7b.yaml", "ConfigMap mounted at /configs has only")
+
+    job["spec"]["entrypoint"] = "dist-tempnet train --config /configs/llm_1b_zero3.yaml train.stepz=5"
+    problems_about(docs, crd_dir, "config does not validate", "train.stepz")
+
+    docs = mutated(rendered)
+    cm = find(docs, "ConfigMap", "dist-tempnet-configs")
+    cm["data"]["llm_1b_zero3.yaml"] = cm["data"]["llm_1b_zero3.yaml"].replace(
+        "zero_stage: 3", "zero_stage: 4"
+    )
+    problems_about(docs, crd_dir, "RayJob/llm-1b-zero3", "deepspeed.zero_stage")
+
+
+def test_core_kinds_are_validated_strictly(rendered, crd_dir):
+    docs = mutated(rendered)
+    find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = (
+        "Always"
+    )
+    problems_about(docs, crd_dir, "Deployment/mlflow", "imagePullPolicyy")
+
+
+def test_image_and_ray_versions_must_agree(rendered, crd_dir):
+    docs = mutated(rendered)
+    gpu_worker_container(find(docs, "RayJob", "clip-vitb32-cc12m"))["image"] = (
+        "ghcr.io/dist-tempnet/dist-tempnet:0.0.9"
+    )
+    find(docs, "RayCluster", "dist-tempnet")["spec"]["rayVersion"] = "2.50.0"
+    problems_about(docs, crd_dir, "dist-tempnet:0.0.9", "expected ghcr.io/dist-tempnet/dist-tempnet:0.1.0")
+    problems_about(docs, crd_dir, "RayCluster/dist-tempnet", "rayVersion '2.50.0'")
+
+
+def test_mlflow_server_must_accept_the_service_host(rendered, crd_dir):
+    docs = mutated(rendered)
+    container = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    container["args"] = [a for a in container["args"] if not a.startswith("--allowed-hosts")]
+    problems_about(docs, crd_dir, "Deployment/mlflow", "--allowed-hosts", "mlflow:5000")
+
+    docs = mutated(rendered)
+    container = find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    container["args"] = [
+        a if not a.startswith("--allowed-hosts") else "--allowed-hosts=mlflow" for a in container["args"]
+    ]
+    problems_about(docs, crd_dir, "does not accept Host mlflow:5000")
+
+
+def test_root_containers_and_secret_values_are_rejected(rendered, crd_dir):
+    docs = mutated(rendered)
+    pod = find(docs, "Deployment", "mlflow-postgres")["spec"]["template"]["spec"]
+    pod["securityContext"]["runAsNonRoot"] = False
+    pod["securityContext"]["runAsUser"] = 0
+    problems_about(docs, crd_dir, "Deployment/mlflow-postgres", "may run as root")
+    docs.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "mlflow-db", "namespace": "dist-tempnet"},
+            "stringData": {"password": "hunter2"},
+        }
+    )
+    problems_about(docs, crd_dir, "Secret/mlflow-db", "must not live in the repository")
+
+
+def test_renderer_refuses_unsupported_kustomize_features(tmp_path):
+    (tmp_path / "kustomization.yaml").write_text("resources: []\nnamePrefix: x-\n")
+    with pytest.raises(kv.RenderError, match="namePrefix"):
+        kv.render(tmp_path)
+
+
+def test_json_patch_and_strategic_merge():
+    doc = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "d"},
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [{"name": "a", "image": "x", "args": ["1"]}, {"name": "b", "image": "y"}]
+                }
+            }
+        },
+    }
+    kv.strategic_merge(
+        doc, {"spec": {"template": {"spec": {"containers": [{"name": "b", "image": "z"}]}}}}, builtin=True
+    )
+    assert [c["image"] for c in doc["spec"]["template"]["spec"]["containers"]] == ["x", "z"]
+    kv.json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/spec/template/spec/containers/0/args/-", "value": "2"},
+            {"op": "remove", "path": "/spec/template/spec/containers/1"},
+            {"op": "replace", "path": "/metadata/name", "value": "e"},
+        ],
+    )
+    assert doc["spec"]["template"]["spec"]["containers"] == [{"name": "a", "image": "x", "args": ["1", "2"]}]
+    assert doc["metadata"]["name"] == "e"
+    with pytest.raises(kv.RenderError, match="does not exist"):
+        kv.json_patch(doc, [{"op": "replace", "path": "/spec/nothing/here", "value": 1}])
+    assert kv.new_image("dist-tempnet", {"name": "dist-tempnet", "newName": "r/x", "newTag": "1"}) == "r/x:1"
+    assert kv.new_image("other:2", {"name": "dist-tempnet", "newTag": "1"}) == "other:2"
+
+
+def test_host_rule_matches_mlflow():
+    from mlflow.server.security_utils import is_allowed_host_header
+
+    allowed = ["mlflow", "mlflow:*", "mlflow.*", "localhost:*"]
+    for host in (
+        "mlflow:5000",
+        "mlflow",
+        "mlflow.ns.svc.cluster.local:5000",
+        "localhost:5000",
+        "evil:5000",
+        "mlflowx:5000",
+        "",
+    ):
+        assert kv.mlflow_allows_host(allowed, host) == is_allowed_host_header(allowed, host), host
+    assert kv.mlflow_allows_host(["*"], "anything:1") == is_allowed_host_header(["*"], "anything:1")
+
+
+@pytest.mark.slow
+def test_validate_cli_reports_each_overlay():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "k8s" / "validate.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("valid") == len(OVERLAYS)
