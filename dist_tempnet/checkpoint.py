@@ -98,8 +98,8 @@ class FaultPlan:
     - `crash_in_save_step=K`: every rank (or only `rank=R`) raises inside the save of step K, after
       DeepSpeed and the rank files are written but before the checkpoint is marked complete;
     - `nan_step=K`: the loss of step K is NaN; `nan_from_step=K`: every loss from step K on;
-    - `once_file=PATH`: each fault fires once per rank (PATH.rank<r> records it, with the time),
-      so the restarted workers run clean.
+    - `once_file=PATH`: each fault fires once per rank (PATH.<fault>.rank<r> records it, with the
+      time), so the restarted workers run clean.
     """
 
     kill_rank: int | None = None
@@ -131,11 +131,11 @@ class FaultPlan:
             once_file=raw.get("once_file", ""),
         )
 
-    def _claim(self, rank: int) -> bool:
-        """True the first time this rank fires (always without a once_file)."""
+    def _claim(self, fault: str, rank: int) -> bool:
+        """True the first time this rank fires this fault (always without a once_file)."""
         if not self.once_file:
             return True
-        marker = f"{self.once_file}.rank{rank}"
+        marker = f"{self.once_file}.{fault}.rank{rank}"
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
@@ -147,14 +147,14 @@ class FaultPlan:
         return True
 
     def after_step(self, step: int, rank: int) -> None:
-        if self.kill_step == step and self.kill_rank == rank and self._claim(rank):
+        if self.kill_step == step and self.kill_rank == rank and self._claim("kill", rank):
             print(f"[dist-tempnet] fault injection: SIGKILL rank {rank} after step {step}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
     def in_save(self, step: int, rank: int) -> None:
         if self.crash_in_save_step != step or self.crash_rank not in (None, rank):
             return
-        if self._claim(rank):
+        if self._claim("crash_in_save", rank):
             raise InjectedFault(f"fault injection: crash inside the checkpoint save of step {step}")
 
     def poisons_loss(self, step: int) -> bool:
@@ -282,39 +282,48 @@ def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
             "DeepSpeed 0.19.8 cannot re-partition ZeRO-3 state on load. Resume with "
             f"ray.num_workers={old_world}, or convert the checkpoint with DeepSpeed's ds_to_universal."
         )
-    elastic = old_world != world and stage in (1, 2)
-    # DeepSpeed 0.19.8's engine refuses optimizer state saved at another data-parallel size, although
-    # its ZeRO-1/2 optimizer can re-partition the elastic layout: load everything else through the
-    # engine, then the optimizer state ourselves (`_repartition_zero_state`).
+    zero_1_2 = stage in (1, 2)
+    # DeepSpeed 0.19.8's engine refuses ZeRO optimizer state saved at another data-parallel size and
+    # its elastic-layout loader asserts a param-group "step" that torch's AdamW does not keep. So for
+    # ZeRO-1/2 the engine loads module, scheduler and counters, and `_load_zero_1_2_state` the
+    # optimizer state (re-partitioned with DeepSpeed's own routines; exact at any world size).
     load_path, _ = engine.load_checkpoint(
         str(directory / "deepspeed"),
         tag=meta["tag"],
-        load_optimizer_states=not elastic,
+        load_optimizer_states=not zero_1_2,
         load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise FileNotFoundError(
             f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
         )
-    if elastic:
-        _repartition_zero_state(engine, directory / "deepspeed" / meta["tag"], old_world)
+    if zero_1_2:
+        _load_zero_1_2_state(engine, directory / "deepspeed" / meta["tag"], old_world)
 
 
-def _repartition_zero_state(engine, tag_dir: Path, old_world: int) -> None:
+def _load_zero_1_2_state(engine, tag_dir: Path, old_world: int) -> None:
     """Load ZeRO-1/2 fp32 master weights and Adam moments saved by `old_world` ranks into this
-    run's partitions, with DeepSpeed's own elastic-checkpoint routines (pinned DeepSpeed 0.19.8)."""
+    run's partitions (pinned DeepSpeed 0.19.8 internals)."""
     names = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(old_world)]
     states = [torch.load(n, map_location="cpu", weights_only=False)["optimizer_state_dict"] for n in names]
-    if isinstance(states[0]["base_optimizer_state"], dict):
-        raise RuntimeError(
-            f"{tag_dir}: optimizer state was saved without DeepSpeed's elastic_checkpoint layout, so it "
-            f"cannot be re-partitioned; resume with ray.num_workers={old_world}"
-        )
     optimizer = engine.optimizer
+    if isinstance(states[0]["base_optimizer_state"], dict):  # saved without the elastic layout
+        if old_world != comm.world_size():
+            raise RuntimeError(
+                f"{tag_dir}: optimizer state was saved without DeepSpeed's elastic_checkpoint layout, so "
+                f"it cannot be re-partitioned; resume with ray.num_workers={old_world}"
+            )
+        optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
+        return
     optimizer._load_global_state(states[0])
     _restore_adam_partitions(optimizer, states)
     optimizer._restore_from_elastic_fp32_weights(states)
     optimizer._link_all_hp_params()
+    # The base optimizer's param groups (with their current lr) were not loaded: take the lr the
+    # restored scheduler computed last, or the first step after a resume would use the initial one.
+    if engine.lr_scheduler is not None:
+        for group, lr in zip(optimizer.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
 
 
 def _restore_adam_partitions(optimizer, states: list[dict[str, Any]]) -> None:
@@ -457,6 +466,7 @@ class RaySink(CheckpointSink):
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"step_{step:08d}",
             )
+        _wait_until_collected()
         storage = ray.train.get_context().get_storage()
         return str(storage.build_checkpoint_path_from_name(f"step_{step:08d}"))
 
@@ -470,6 +480,24 @@ class RaySink(CheckpointSink):
             return self._load_explicit(engine, task)
         with checkpoint.as_directory() as d:
             return load_into(Path(d), engine, task) | {"resume_kind": "restart"}
+
+
+def _wait_until_collected() -> None:
+    """Block until Ray Train's controller has taken this worker's report off its queue.
+
+    `ray.train.report` only queues the result; the controller polls workers every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s) and registers the checkpoint once every rank's report
+    is in. A worker killed before that poll loses the report, and the restart would go back one
+    checkpoint further than necessary. Uses Ray Train V2 internals (pinned Ray 2.60); without them
+    it returns at once.
+    """
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError):
+        return
+    queue.join()
 
 
 def make_sink(cfg: Config, loop_config: dict[str, Any]) -> CheckpointSink:

@@ -16,13 +16,31 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50 ray.num_workers=2")
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from dist_tempnet.launcher import print_summary, run_training
+def _override_value(overrides: list[str], key: str) -> str:
+    values = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == key]
+    return values[-1] if values else ""
 
-    cfg = load_config(args.config, args.overrides)
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from dist_tempnet.launcher import config_for_resume, print_summary, run_training
+
+    resume_from = None
+    if args.resume:
+        if args.config:
+            raise ConfigError(
+                "--resume continues with the checkpoint's own config: pass changes as overrides "
+                "(e.g. train.steps=2000), not --config"
+            )
+        from dist_tempnet.checkpoint import resolve_resume
+
+        resume_from = resolve_resume(args.resume, _override_value(args.overrides, "mlflow.tracking_uri"))
+        cfg = config_for_resume(resume_from, args.overrides)
+        print(f"[dist-tempnet] resuming from {resume_from}", flush=True)
+    else:
+        cfg = load_config(args.config, args.overrides)
     if args.no_ray:
-        cfg.ray.num_workers = 1 if args.no_ray else cfg.ray.num_workers
-    summary = run_training(cfg, use_ray=not args.no_ray)
+        cfg.ray.num_workers = 1
+    summary = run_training(cfg, use_ray=not args.no_ray, resume_from=resume_from)
     print_summary(summary)
     return 0
 
@@ -65,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-ray",
         action="store_true",
         help="run in this process (one rank, or under torchrun) instead of Ray workers",
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="RUN_DIR_OR_MLFLOW_RUN",
+        help="continue a stopped or finished run: a checkpoint directory, a run directory "
+        "(<output_dir>/ray/<name>: its latest complete checkpoint) or an MLflow run id (its checkpoint_uri "
+        "tag); the checkpoint's config is used, overrides apply on top (e.g. train.steps=2000)",
     )
     p.set_defaults(fn=cmd_train)
 

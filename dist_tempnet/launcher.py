@@ -3,6 +3,15 @@
 Ray Train V2 (Ray 2.60): TorchTrainer starts `ray.num_workers` workers, sets up the torch process
 group (gloo on CPU, NCCL on GPU) and calls `dist_tempnet.train.train_worker` in each. Without an
 address a local Ray is started; with `ray.address` (or RAY_ADDRESS) it joins that cluster.
+
+Failures and resumes:
+- a worker that dies makes Ray Train restart the whole worker group (up to `ray.max_failures`
+  times); the workers load the run's latest reported checkpoint and continue the same MLflow run;
+- submitting again with the same `run.name` and `run.output_dir` makes Ray resume that run from its
+  latest checkpoint; the driver then reopens the MLflow run recorded in that checkpoint;
+- `dist-tempnet train --resume X` (X: a checkpoint, a run directory or an MLflow run id) continues
+  from that checkpoint with its own config plus the given overrides, under a fresh Ray run name so
+  that Ray's own restore never substitutes another checkpoint for the chosen one.
 """
 
 from __future__ import annotations
@@ -10,12 +19,16 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_tempnet.config import Config
+import yaml
+
+from dist_tempnet.checkpoint import FAULT_ENV, latest_checkpoint, read_meta
+from dist_tempnet.config import Config, load_config
 
 
 @dataclass
@@ -106,8 +119,15 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         # Ray Train V2 re-routes print() through its logger, which then reaches the driver twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+        # Rank 0 logs synchronously: MLflow's default retries (7, exponential backoff) would stall
+        # training for minutes per call while the server is down. The Tracker buffers and retries
+        # at its next call instead.
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
     }
     for key in (
+        FAULT_ENV,
+        "DIST_TEMPNET_SEEN_IDS",
         "NCCL_DEBUG",
         "NCCL_SOCKET_IFNAME",
         "NCCL_IB_DISABLE",
@@ -150,7 +170,7 @@ def _init_ray(cfg: Config) -> bool:
     return cfg.ray.use_gpu == "true"
 
 
-def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
+def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = ""):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -168,7 +188,7 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
             num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name=cfg.run.name,
+            name=ray_run_name or cfg.run.name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
@@ -179,25 +199,104 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any]):
     return trainer.fit()
 
 
-def run_training(cfg: Config, use_ray: bool = True) -> RunSummary:
-    """Run the whole job described by `cfg` and return what it achieved."""
+def config_for_resume(checkpoint: Path, overrides: list[str] | None = None) -> Config:
+    """The checkpoint's resolved config with `overrides` applied (e.g. train.steps=2000, or
+    ray.num_workers=4 for an elastic resume), validated like any config."""
+    meta = read_meta(Path(checkpoint))
+    with tempfile.TemporaryDirectory(prefix="dist-tempnet-resume-") as tmp:
+        path = Path(tmp) / f"config of {Path(checkpoint).name}.yaml"
+        path.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
+        return load_config(path, overrides)
+
+
+def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
+    """`run.name`, except for a manual resume when a Ray run of that name exists: Ray would restore
+    that run's latest checkpoint instead of the chosen one, so the resume gets `<name>-resume<k>`."""
+    name = cfg.run.name
+    if not manual_resume or not (storage / name).exists():
+        return name
+    k = 1
+    while (storage / f"{name}-resume{k}").exists():
+        k += 1
+    return f"{name}-resume{k}"
+
+
+def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
+    """(uri, run_id, tracker) of the MLflow run a checkpoint belongs to, or None when it has none
+    or it cannot be found (then a new run is created)."""
+    from dist_tempnet.tracking import Tracker, resolve_tracking_uri
+
+    meta = read_meta(checkpoint)
+    run_id = meta.get("mlflow_run_id") or ""
+    if not run_id:
+        return None
+    saved_cfg_uri = meta["config"]["mlflow"]["tracking_uri"]
+    # An explicit mlflow.tracking_uri override wins over the URI the run used.
+    explicit = cfg.mlflow.tracking_uri and cfg.mlflow.tracking_uri != saved_cfg_uri
+    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri if explicit else meta.get("tracking_uri") or saved_cfg_uri)
+    tracker = Tracker(uri, run_id)
+    try:
+        tracker.client.get_run(run_id)
+        tracker.client.update_run(run_id, status="RUNNING")
+    except Exception as exc:  # noqa: BLE001 - e.g. the run lives in another tracking store
+        print(
+            f"[dist-tempnet] WARNING: cannot reopen MLflow run {run_id} of {checkpoint} in {uri} "
+            f"({type(exc).__name__}); starting a new MLflow run",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    tracker.set_tags({"resumed_from_checkpoint": str(checkpoint)})
+    return uri, run_id, tracker
+
+
+def _open_tracking(cfg: Config, continuing: Path | None):
+    """(tracking_uri, run_id, driver tracker) — the checkpoint's run when continuing one."""
+    if not cfg.mlflow.enabled:
+        return "", "", None
+    from dist_tempnet.tracking import Tracker, start_run
+
+    reopened = _reopen_mlflow_run(cfg, continuing) if continuing else None
+    if reopened:
+        print(f"[dist-tempnet] continuing MLflow run {reopened[1]} ({reopened[0]})", flush=True)
+        return reopened
+    uri, run_id = start_run(cfg, cfg.ray.num_workers)
+    print(f"[dist-tempnet] MLflow run {run_id} ({uri})", flush=True)
+    return uri, run_id, Tracker(uri, run_id)
+
+
+def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | None = None) -> RunSummary:
+    """Run the whole job described by `cfg` and return what it achieved.
+
+    `resume_from`: a checkpoint directory to continue from (see `config_for_resume` for its config).
+    """
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
     prepare_data(cfg)
-    uri = run_id = ""
-    tracker = None
-    if cfg.mlflow.enabled:
-        from dist_tempnet.tracking import Tracker, start_run
-
-        uri, run_id = start_run(cfg, cfg.ray.num_workers)
-        tracker = Tracker(uri, run_id)
-        print(f"[dist-tempnet] MLflow run {run_id} ({uri})", flush=True)
-    loop_config: dict[str, Any] = {"config": cfg.to_dict(), "tracking_uri": uri, "mlflow_run_id": run_id}
+    storage = Path(cfg.run.output_dir) / "ray"
+    resume = Path(resume_from).resolve() if resume_from else None
+    continuing = resume
+    if resume is None and use_ray:
+        # Ray Train resumes a run of the same name and storage from its latest checkpoint by itself.
+        continuing = latest_checkpoint(storage / cfg.run.name)
+        if continuing is not None:
+            print(
+                f"[dist-tempnet] Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from {continuing} "
+                "(choose another run.name for a fresh run)",
+                flush=True,
+            )
+    uri, run_id, tracker = _open_tracking(cfg, continuing)
+    loop_config: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "tracking_uri": uri,
+        "mlflow_run_id": run_id,
+        "resume_from": str(resume) if resume else "",
+    }
     try:
         if use_ray:
             loop_config["ray"] = True
-            result = fit_with_ray(cfg, loop_config)
+            result = fit_with_ray(cfg, loop_config, ray_run_name(cfg, storage, resume is not None))
             if getattr(result, "error", None):
                 raise result.error
             metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}

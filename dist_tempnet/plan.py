@@ -486,21 +486,12 @@ class Plan:
         return self.phase_total("always") + max(self.phase_total("backward"), self.phase_total("step"))
 
     @property
-    def host_bytes(self) -> float:
-        return sum(i.bytes for i in self.memory if i.where == "host")
-
-    @property
     def usable_bytes(self) -> float:
         return USABLE_FRACTION * self.gpu_mem_gib * GIB
 
     @property
     def feasible(self) -> bool:
         return not self.reasons
-
-    def model_states_bytes(self) -> float:
-        """Params + grads + optimizer states, the quantity DeepSpeed's estimators cover."""
-        keys = ("parameters", "Adam", "fp32 master", "gradients", "fp32 grad", "fp32 gradient")
-        return sum(i.bytes for i in self.memory if i.name.startswith(keys) and i.where == "gpu")
 
 
 def comm_items(shape: ModelShape, cfg: Config, k: int, accum: int) -> list[CommItem]:
@@ -531,7 +522,7 @@ def comm_items(shape: ModelShape, cfg: Config, k: int, accum: int) -> list[CommI
     if shape.task == "clip" and cfg.loss.name != "clip":
         n, d = k * b, shape.embed_dim
         fields = 4 + (2 if cfg.loss.name == "isogclr" else 0)
-        feat_bytes = lp  # features travel in the model's dtype
+        feat_bytes = 4  # the CLIP task normalizes features in fp32 before the loss gathers them
         items.append(
             CommItem(
                 f"DRO feature all-gather (2·n·d = {2 * n * d:,} values in, ×{accum})",

@@ -41,7 +41,21 @@ class _Readout(nn.Module):
         return _bounded_tau(score, self.tau_min, self.tau_max)
 
 
-class LMTempNet(nn.Module):
+class _TempNet(nn.Module):
+    """What both TempNets share: a bounded readout and its τ range."""
+
+    readout: _Readout
+
+    @property
+    def tau_min(self) -> float:
+        return self.readout.tau_min
+
+    @property
+    def tau_max(self) -> float:
+        return self.readout.tau_max
+
+
+class LMTempNet(_TempNet):
     """Per-token temperature from the token's logits (DESIGN §2.1).
 
     x = normalize(z); h = W2·σ(W1 x) (dropout after σ); τ = readout(h, h).
@@ -65,14 +79,6 @@ class LMTempNet(nn.Module):
         self.second = nn.Linear(hidden_size, hidden_size)
         self.readout = _Readout(hidden_size, tau_min, tau_max)
 
-    @property
-    def tau_min(self) -> float:
-        return self.readout.tau_min
-
-    @property
-    def tau_max(self) -> float:
-        return self.readout.tau_max
-
     def tau_from_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
         """τ given W1·normalize(z) + b1 (shape [N, hidden])."""
         h = self.second(self.dropout(torch.sigmoid(pre)))
@@ -83,7 +89,7 @@ class LMTempNet(nn.Module):
         return self.tau_from_first_layer(self.first(x))
 
 
-class CLIPTempNet(nn.Module):
+class CLIPTempNet(_TempNet):
     """Per-sample temperature from an L2-normalized image or text feature (DESIGN §2.2).
 
     x = dropout(σ(W e)); p = x·normalize(P)ᵀ for M learnable prototypes P; τ = readout(p, σ(p)).
@@ -104,14 +110,6 @@ class CLIPTempNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, embed_dim) / embed_dim**0.5)
         self.readout = _Readout(num_prototypes, tau_min, tau_max)
-
-    @property
-    def tau_min(self) -> float:
-        return self.readout.tau_min
-
-    @property
-    def tau_max(self) -> float:
-        return self.readout.tau_max
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.dropout(torch.sigmoid(self.proj(features.detach().to(self.proj.weight.dtype))))

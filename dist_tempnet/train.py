@@ -150,7 +150,7 @@ class Trainer:
         self.last_eval: dict[str, float] = {}
         self._resume()
         self.batches = self.task.batches()
-        self.seen_log = SeenIdsLog.from_env(self.rank, self.world)
+        self.seen_log = SeenIdsLog.from_env(self.rank, self.world, self.device)
         if self.seen_log and self.resumed_step is not None:
             self.seen_log.mark_resume(self.resumed_step)
 
@@ -333,7 +333,7 @@ class Trainer:
     def _note_training_resumed(self) -> None:
         # For the kill → resumed measurement: the first optimizer step after a resume is done.
         now = time.time()
-        self.tracker.set_tags({"first_step_after_resume_unix": f"{now:.3f}"})
+        self.tracker.log_metrics({"first_step_after_resume_unix": now}, self.step)
         if self.rank == 0:
             print(
                 f"[dist-tempnet] training resumed: step {self.step} done {now - self.resumed_at:.1f}s after the "
@@ -426,49 +426,51 @@ def with_elastic_checkpoints(cfg: Config) -> Config:
 class SeenIdsLog:
     """Appends the sample ids of every micro batch to `$DIST_TEMPNET_SEEN_IDS/seen_rank<r>.jsonl`.
 
-    Lines: {"t", "step", "micro", "rank", "world", "ids", "epochs"}; at a resume {"t", "resume_step"}:
-    records of later steps written before it were redone after the resume (see `seen_ids_by_epoch`).
+    Lines: {"attempt", "step", "micro", "rank", "world", "ids", "epochs"}, and at a resume
+    {"attempt", "resume_step"}: the steps after it that earlier attempts had logged were redone by
+    this one (see `seen_ids_by_epoch`). `attempt` is rank 0's start time, shared by all ranks.
     """
 
-    def __init__(self, path: Path, rank: int, world: int) -> None:
-        self.path, self.rank, self.world = path, rank, world
+    def __init__(self, path: Path, rank: int, world: int, attempt: float) -> None:
+        self.path, self.rank, self.world, self.attempt = path, rank, world, attempt
 
     @classmethod
-    def from_env(cls, rank: int, world: int) -> SeenIdsLog | None:
+    def from_env(cls, rank: int, world: int, device: torch.device) -> SeenIdsLog | None:
         directory = os.environ.get(SEEN_IDS_ENV, "")
         if not directory:
             return None
         Path(directory).mkdir(parents=True, exist_ok=True)
-        return cls(Path(directory) / f"seen_rank{rank}.jsonl", rank, world)
+        start = torch.tensor([time.time() if rank == 0 else 0.0], dtype=torch.float64, device=device)
+        attempt = float(comm.all_reduce_sum(start).item())
+        return cls(Path(directory) / f"seen_rank{rank}.jsonl", rank, world, attempt)
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({"attempt": self.attempt, **record}) + "\n")
 
     def mark_resume(self, step: int) -> None:
-        self._append({"t": time.time(), "resume_step": step, "rank": self.rank})
+        self._append({"resume_step": step, "rank": self.rank})
 
     def record(self, step: int, micro: int, batch: dict[str, Any], stream: Any) -> None:
         ids = batch["sample_ids"].tolist()
         epochs = list(getattr(stream, "last_sample_epochs", []) or [-1] * len(ids))
         self._append(
-            {"t": time.time(), "step": step, "micro": micro, "rank": self.rank, "world": self.world,
-             "ids": ids, "epochs": epochs}
+            {"step": step, "micro": micro, "rank": self.rank, "world": self.world, "ids": ids, "epochs": epochs}
         )
 
 
 def seen_ids_by_epoch(directory: str | os.PathLike) -> dict[int, list[int]]:
-    """Sample ids each epoch trained on, across restarts: records of steps after a resume's step
-    that were written before that resume are dropped (the resumed run redid those steps)."""
+    """Sample ids each epoch trained on, across restarts: a resume to step s drops what earlier
+    attempts logged for steps after s (the resumed attempt trained those steps again)."""
     lines = []
     for path in Path(directory).glob("seen_rank*.jsonl"):
         lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept: dict[tuple[int, int, int], dict[str, Any]] = {}
-    for rec in sorted(lines, key=lambda r: r["t"]):
+    kept: dict[tuple[float, int, int, int], dict[str, Any]] = {}
+    for rec in sorted(lines, key=lambda r: (r["attempt"], "resume_step" not in r)):
         if "resume_step" in rec:
-            kept = {k: v for k, v in kept.items() if k[0] <= rec["resume_step"]}
+            kept = {k: v for k, v in kept.items() if k[1] <= rec["resume_step"] or k[0] == rec["attempt"]}
         else:
-            kept[(rec["step"], rec["micro"], rec["rank"])] = rec
+            kept[(rec["attempt"], rec["step"], rec["micro"], rec["rank"])] = rec
     by_epoch: dict[int, list[int]] = {}
     for rec in kept.values():
         for sample_id, epoch in zip(rec["ids"], rec["epochs"]):

@@ -7,8 +7,10 @@
 #
 # Settings (environment): DT_RAY_PORT (GCS, default 6379; the Ray client server, dashboard agent,
 # runtime-env agent and metrics take the next five ports, so that two heads on one machine never
-# share a port), DT_DASHBOARD_PORT (Jobs API/dashboard, default 8265), DT_NUM_CPUS (default: all cores), DT_RAY_TEMP_DIR (Ray session files, default
-# /tmp/dt_ray_<port>), DT_CLUSTER_STATE (pid/log files, default ~/.cache/dist_tempnet/ray-<port>).
+# share a port), DT_DASHBOARD_PORT (Jobs API/dashboard, default 8265), DT_NUM_CPUS (default: all
+# cores), DT_RAY_TEMP_DIR (Ray session files, default /tmp/dt_ray_<port>), DT_CLUSTER_STATE (pid and
+# log files, default ~/.cache/dist_tempnet/ray-<port>), DT_START_TIMEOUT (seconds, default 180).
+# Needs curl (readiness check).
 #
 # The head runs as `ray start --block` in its own process group, so `stop` signals that group
 # only and leaves any other Ray on this machine alone (`ray stop` would kill every Ray of the user).
@@ -64,9 +66,13 @@ wait_for_jobs_api() {
     until curl -fsS -o /dev/null -H "$header" "$address/api/version" 2>/dev/null; do
         if ! head_pid >/dev/null; then
             tail -n 40 "$log_file" >&2 || true
-            die "the Ray head exited during startup (log: $log_file)"
+            echo "local_cluster.sh: the Ray head exited during startup (log: $log_file)" >&2
+            return 1
         fi
-        (( SECONDS < deadline )) || die "the Jobs API at $address did not come up (log: $log_file)"
+        if (( SECONDS >= deadline )); then
+            echo "local_cluster.sh: the Jobs API at $address did not come up (log: $log_file)" >&2
+            return 1
+        fi
         sleep 1
     done
 }
@@ -76,10 +82,17 @@ start() {
         echo "a head started by this script is already running (pid $pid, $address)"
         return
     fi
+    local p
+    for p in "$port" "$dashboard_port"; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            die "port $p on 127.0.0.1 is already in use (another Ray?): choose DT_RAY_PORT / DT_DASHBOARD_PORT"
+        fi
+    done
     mkdir -p "$state"
     ensure_token
     # setsid: the head and everything it spawns share a new process group we can stop as a unit.
-    setsid "$RAY" start --head --block \
+    # No drain wait on SIGTERM: a local head serves no traffic that needs draining.
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid "$RAY" start --head --block \
         --node-ip-address 127.0.0.1 --port "$port" \
         --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
         --num-cpus "$num_cpus" --temp-dir "$temp_dir" --disable-usage-stats \
@@ -88,24 +101,45 @@ start() {
         --metrics-export-port "$((port + 5))" \
         >"$log_file" 2>&1 < /dev/null &
     echo $! >"$pid_file"
-    wait_for_jobs_api
+    if ! wait_for_jobs_api || ! head_pid >/dev/null; then
+        stop >/dev/null  # leave nothing half-started behind
+        exit 1
+    fi
     echo "Ray head up: GCS 127.0.0.1:$port, Jobs API $address, $num_cpus CPUs, token auth on"
     echo "use it with:  export RAY_ADDRESS=$address RAY_AUTH_MODE=token"
 }
 
+wait_for_exit() {
+    # wait_for_exit SECONDS PID | wait_for_exit SECONDS -g PGID
+    local seconds="$1"; shift
+    for _ in $(seq 1 "$seconds"); do
+        if [[ "$1" == "-g" ]]; then
+            pgrep -g "$2" >/dev/null 2>&1 || return 0
+        else
+            kill -0 "$1" 2>/dev/null || return 0
+        fi
+        sleep 1
+    done
+}
+
 stop() {
     local pid
-    if ! pid="$(head_pid)"; then
+    pid="$(cat "$pid_file" 2>/dev/null || true)"
+    # The head may have died and left processes of its group behind: those are stopped too.
+    if [[ -z "$pid" ]] || ! { kill -0 "$pid" 2>/dev/null || pgrep -g "$pid" >/dev/null 2>&1; }; then
         rm -f "$pid_file"
         echo "no head started by this script is running"
         return
     fi
-    # The group id is the head's pid (setsid made it a group leader).
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 1 15); do
-        pgrep -g "$pid" >/dev/null 2>&1 || break
-        sleep 1
-    done
+    # `ray start --block` tears down the processes it started on SIGTERM; the group id is its pid
+    # (setsid made it a group leader), so whatever is left afterwards can be killed as a group.
+    kill -TERM "$pid" 2>/dev/null || true
+    wait_for_exit 30 "$pid"
+    # Agents whose raylet is gone linger; they are ours (same group): TERM, then KILL.
+    if pgrep -g "$pid" >/dev/null 2>&1; then
+        kill -TERM -- "-$pid" 2>/dev/null || true
+        wait_for_exit 5 "-g" "$pid"
+    fi
     if pgrep -g "$pid" >/dev/null 2>&1; then
         echo "still running after SIGTERM: $(pgrep -g "$pid" -d ' ' -l | head -c 300); sending SIGKILL" >&2
         kill -KILL -- "-$pid" 2>/dev/null || true

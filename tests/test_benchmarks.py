@@ -28,3 +28,8 @@ def test_clip_throughput_tiny(tmp_path):
     out = _run(str(REPO / "benchmarks" / "clip_throughput.py"), "--tiny", "--losses", "isogclr_tempnet",
                "--workdir", str(tmp_path), cwd=tmp_path)
     assert "isogclr_tempnet" in out and "disk/compute" in out
+
+
+def test_gpu_lm_loss_tiny_on_cpu(tmp_path):
+    out = _run(str(REPO / "benchmarks" / "gpu_lm_loss.py"), "--tiny", cwd=tmp_path)
+    assert "target peak fused/chunked_ce" in out and "target time fused/full_ce" in out

@@ -201,3 +201,158 @@ def test_elastic_resume_4_to_2_to_1(clip_data, tmp_path):
     by_epoch = seen_ids_by_epoch(seen)
     assert sorted(by_epoch[0]) == list(range(NUM_TRAIN)), "epoch 0: a sample was skipped or repeated"
     assert set(by_epoch) == {0}
+
+
+# ------------------------------------------------------------------- atomicity and completeness
+
+
+class _FakeEngine:
+    """Writes files shaped like a ZeRO-2 save of rank 0 (no DeepSpeed needed)."""
+
+    def save_checkpoint(self, directory: str, tag: str, save_latest: bool) -> None:
+        d = Path(directory) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "mp_rank_00_model_states.pt").write_bytes(b"m" * 100)
+        (d / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"o" * 50)
+        (Path(directory) / "latest").write_text(tag)
+
+
+def _save(sink, step: int) -> str:
+    return sink.save(_FakeEngine(), step, {"data": None}, {"deepspeed": {"zero_stage": 2}}, {"step": step}, {})
+
+
+def test_crash_inside_save_never_leaves_a_complete_or_latest_checkpoint(tmp_path):
+    from dist_tempnet.checkpoint import FaultPlan, InjectedFault, LocalSink, latest_checkpoint
+
+    sink = LocalSink(tmp_path, keep_last=2, fault=FaultPlan(crash_in_save_step=4))
+    _save(sink, 2)
+    with pytest.raises(InjectedFault):
+        _save(sink, 4)
+    staged = tmp_path / ".tmp-step_00000004"
+    assert (staged / "deepspeed" / "step_00000004").is_dir() and not (staged / "COMPLETE").exists()
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_00000002"
+    for step in (6, 8, 10):
+        _save(sink, step)
+    assert [p.name for p in sink.complete_checkpoints()] == ["step_00000008", "step_00000010"]
+    assert not staged.exists(), "staging directories of crashed saves are cleaned up"
+
+
+def test_partial_multi_rank_checkpoint_is_incomplete(tmp_path):
+    """What Ray leaves when rank 1 dies mid-save: rank 0's files (with COMPLETE) but not rank 1's."""
+    from dist_tempnet.checkpoint import LocalSink, is_complete, latest_checkpoint, missing_parts
+
+    sink = LocalSink(tmp_path, keep_last=5)
+    good = Path(_save(sink, 2))
+    partial = Path(_save(sink, 4))
+    meta = json.loads((partial / "meta.json").read_text())
+    (partial / "meta.json").write_text(json.dumps(meta | {"world_size": 2}))
+    (partial / "files_rank_0.json").write_text(  # keep rank 0's list consistent with the edited meta
+        json.dumps(json.loads((partial / "files_rank_0.json").read_text()) | {"meta.json": 0})
+    )
+    assert not is_complete(partial) and any("files_rank_1.json" in m for m in missing_parts(partial))
+    assert latest_checkpoint(tmp_path) == good
+    shard = good / "deepspeed" / "step_00000002" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"o" * 10)  # truncated upload
+    assert any("expected 50" in m for m in missing_parts(good)) and latest_checkpoint(tmp_path) is None
+
+
+def test_fault_plan_from_env_fires_once(tmp_path, monkeypatch):
+    from dist_tempnet.checkpoint import FAULT_ENV, FaultPlan, InjectedFault
+
+    monkeypatch.setenv(FAULT_ENV, f"crash_in_save_step=3,rank=1,nan_from_step=7,once_file={tmp_path / 'x'}")
+    plan = FaultPlan.from_env()
+    plan.in_save(3, 0)  # another rank: no fault
+    with pytest.raises(InjectedFault):
+        plan.in_save(3, 1)
+    plan.in_save(3, 1)  # once
+    assert (tmp_path / "x.crash_in_save.rank1").is_file()
+    assert not plan.poisons_loss(6) and plan.poisons_loss(7) and plan.poisons_loss(9)
+    monkeypatch.setenv(FAULT_ENV, "kil_rank=1")
+    with pytest.raises(ValueError, match="unknown keys"):
+        FaultPlan.from_env()
+
+
+def test_resolve_resume_forms(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.checkpoint import LocalSink, resolve_resume
+
+    run_dir = tmp_path / "ray" / "job"
+    sink = LocalSink(run_dir, keep_last=5)
+    first, second = Path(_save(sink, 2)), Path(_save(sink, 4))
+    assert resolve_resume(str(first)) == first
+    assert resolve_resume(str(run_dir)) == second
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("resume"))
+    client.set_tag(run.info.run_id, "checkpoint_uri", str(first))
+    assert resolve_resume(run.info.run_id, uri) == first
+    with pytest.raises(FileNotFoundError, match="not an MLflow run id"):
+        resolve_resume("no-such-run", uri)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        resolve_resume(str(tmp_path / "empty"))
+
+
+# --------------------------------------------------------------------------------------- guards
+
+
+def _guard_worker(rank: int, world: int, data: str, root: str, tracking_uri: str, run_id: str,
+                  dead_uri: str) -> dict:
+    """fit() with MLflow pointed at a dead server from step 3 on; then a run whose loss turns NaN."""
+    import warnings
+
+    os.environ.update(
+        {"DS_ACCELERATOR": "cpu", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    )
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.checkpoint import FaultPlan, LocalSink
+    from dist_tempnet.train import NonFiniteLossError, Trainer
+
+    out: dict = {}
+    cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=["checkpoint.every=0"]))
+    trainer = Trainer(cfg, {"tracking_uri": tracking_uri, "mlflow_run_id": run_id}, LocalSink(Path(root) / "a", 2))
+    before_step = trainer.task.before_step
+
+    def server_dies_at_step_3(step: int):
+        if step == 2:  # before the third step
+            trainer.tracker.client = MlflowClient(tracking_uri=dead_uri)
+        return before_step(step)
+
+    trainer.task.before_step = server_dies_at_step_3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out["final"] = trainer.fit()
+    out["warnings"] = [str(w.message) for w in caught if "MLflow" in str(w.message)]
+    out["pending"] = len(trainer.tracker._pending)
+
+    os.environ["DIST_TEMPNET_FAULT"] = "nan_from_step=3"
+    cfg = load_config(None, tiny_overrides(Path(data), 1, 8, micro=16, extra=["train.max_consecutive_nonfinite=2"]))
+    trainer = Trainer(cfg, {}, LocalSink(Path(root) / "b", 2, fault=FaultPlan.from_env()))
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.fit()
+    out["nan_error"], out["nan_step"] = str(info.value), trainer.step
+    return out
+
+
+@pytest.mark.multiproc
+def test_mlflow_down_mid_run_and_nonfinite_guard(clip_data, tmp_path):
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = client.create_run(client.create_experiment("guards")).info.run_id
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    (out,) = run_distributed(_guard_worker, 1, str(clip_data), str(tmp_path), uri, run_id, dead, timeout=300)
+    assert out["final"]["train_time_s"] > 0 and out["warnings"], "training completes and warns"
+    assert out["pending"] > 0, "metrics logged while the server was down stay buffered"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2]
+    assert "2 consecutive non-finite steps" in out["nan_error"] and out["nan_step"] == 4
+    from dist_tempnet.checkpoint import latest_checkpoint
+
+    assert latest_checkpoint(tmp_path / "b").name == "step_00000004", "a checkpoint is saved before stopping"

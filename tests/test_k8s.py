@@ -167,7 +167,7 @@ def test_gpu_group_without_gpu_request_is_rejected(rendered, crd_dir):
     for part in resources.values():
         part.pop("nvidia.com/gpu")
     hits = problems_about(docs, crd_dir, "RayJob/llm-1b-zero3", "'gpu-workers'", "nvidia.com/gpu")
-    assert any("does not request" in h for h in hits)
+    assert any("do not request nvidia.com/gpu" in h for h in hits)
     # ... and the job no longer fits: its config asks for 8 GPU workers.
     problems_about(docs, crd_dir, "RayJob/llm-1b-zero3", "ray.num_workers=8", "0 GPUs")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ from dist_tempnet.submit import (
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT_SH = REPO / "launch" / "submit.sh"
 CLUSTER_SH = REPO / "launch" / "local_cluster.sh"
-# The tiny main job of docs/cluster.md (MLflow URI and output paths are added per test).
+# The tiny main job of docs/cluster.md (the MLflow URI is added per test).
 TINY_JOB = [
     "dist-tempnet",
     "train",
@@ -177,6 +178,7 @@ def local_cluster(tmp_path_factory):
     finally:
         stop = subprocess.run([str(CLUSTER_SH), "stop"], env=env, capture_output=True, text=True, timeout=120)
         print(stop.stdout, stop.stderr)
+        shutil.rmtree(env["DT_RAY_TEMP_DIR"], ignore_errors=True)
 
 
 def _job_status(env: dict[str, str], job_id: str) -> str:
@@ -241,12 +243,8 @@ def test_tiny_main_job_through_submit_sh_is_tracked_in_mlflow(local_cluster, tmp
     env = local_cluster
     db = tmp_path / "mlflow.db"
     uri = f"sqlite:///{db}"  # sqlite:////abs/path: absolute, the job runs in a throwaway directory
-    job = [
-        *TINY_JOB,
-        f"mlflow.tracking_uri={uri}",
-        f"run.output_dir={tmp_path / 'runs'}",
-        f"data.path={tmp_path / 'demo_clip'}",
-    ]
+    # The docs/cluster.md command: demo data and checkpoints land in the job's working directory.
+    job = [*TINY_JOB, f"mlflow.tracking_uri={uri}"]
     proc = subprocess.run([str(SUBMIT_SH), "--", *job], env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
