@@ -459,9 +459,9 @@ class SeenIdsLog:
         )
 
 
-def seen_ids_by_epoch(directory: str | os.PathLike) -> dict[int, list[int]]:
-    """Sample ids each epoch trained on, across restarts: a resume to step s drops what earlier
-    attempts logged for steps after s (the resumed attempt trained those steps again)."""
+def seen_batches(directory: str | os.PathLike) -> dict[tuple[int, int, int], dict[str, Any]]:
+    """The micro batches trained on, by (step, micro, rank), across restarts: a resume to step s
+    drops what earlier attempts logged for steps after s (the resumed attempt trained them again)."""
     lines = []
     for path in Path(directory).glob("seen_rank*.jsonl"):
         lines += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -471,8 +471,13 @@ def seen_ids_by_epoch(directory: str | os.PathLike) -> dict[int, list[int]]:
             kept = {k: v for k, v in kept.items() if k[1] <= rec["resume_step"] or k[0] == rec["attempt"]}
         else:
             kept[(rec["attempt"], rec["step"], rec["micro"], rec["rank"])] = rec
+    return {key[1:]: {"ids": rec["ids"], "epochs": rec["epochs"]} for key, rec in sorted(kept.items())}
+
+
+def seen_ids_by_epoch(directory: str | os.PathLike) -> dict[int, list[int]]:
+    """Sample ids trained on in each epoch (see `seen_batches`)."""
     by_epoch: dict[int, list[int]] = {}
-    for rec in kept.values():
+    for rec in seen_batches(directory).values():
         for sample_id, epoch in zip(rec["ids"], rec["epochs"]):
             by_epoch.setdefault(epoch, []).append(sample_id)
     return by_epoch

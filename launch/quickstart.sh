@@ -11,15 +11,23 @@ what="${1:-train}"; shift || true
 venv="${DIST_TEMPNET_VENV:-.venv}"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --upgrade pip > /dev/null 2>&1 || true
 fi
 py="$venv/bin/python"
 # A plain `torch` requirement would pull a multi-GB CUDA build: install the CPU wheel first.
-"$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q torch==2.13.0
+# pip's chatter goes to a log, shown only when an install fails.
+quiet_pip() {
+  "$py" -m pip "$@" > "$venv/pip.log" 2>&1 || { tail -n 40 "$venv/pip.log" >&2; echo "pip $* failed (log: $venv/pip.log)" >&2; exit 1; }
+}
+if ! "$py" -c "import torch" 2>/dev/null; then
+  echo "[quickstart] installing torch 2.13.0 (CPU) into $venv ..."
+  quiet_pip install -q torch==2.13.0
+fi
 # Re-install only when pyproject.toml changed since the last install.
 stamp="$venv/.dist_tempnet-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || ! "$py" -c "import dist_tempnet" 2>/dev/null; then
-  "$py" -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "[quickstart] installing dist_tempnet and its dependencies into $venv ..."
+  quiet_pip install -q -e ".[dev]"
   "$py" -c "import dist_tempnet, deepspeed, ray, mlflow, webdataset" >/dev/null
   touch "$stamp"
 fi

@@ -126,11 +126,12 @@ def test_killed_worker_and_crashed_save_resume_to_the_same_result(workdir, runs)
     for name, value in ref_dro.items():
         assert torch.equal(value, dro[name]), f"DRO state {name} differs from the uninterrupted run"
 
-    from dist_tempnet.train import seen_ids_by_epoch
+    from dist_tempnet.train import seen_batches, seen_ids_by_epoch
 
     seen = seen_ids_by_epoch(workdir / "seen-faulted")
     assert sorted(seen[0]) == list(range(NUM_TRAIN)), "a sample of the epoch was skipped or trained twice"
-    assert seen == seen_ids_by_epoch(workdir / "seen-reference")
+    # Not only the same set: the same micro batch at every (step, rank), in the same order.
+    assert seen_batches(workdir / "seen-faulted") == seen_batches(workdir / "seen-reference")
 
 
 def test_failures_are_logged_in_the_same_mlflow_run(workdir, runs):
