@@ -175,6 +175,27 @@ class Tracker:
             self._call(self.client.set_terminated, self.run_id, status)
 
 
+def log_tau_histogram(tracker: Tracker, taus: dict[str, Any], xlabel: str, ylabel: str) -> None:
+    """Log a histogram of τ values (one series per label) as `tau_histogram.png`."""
+    if not tracker.enabled or not taus:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, tau in taus.items():
+        ax.hist(tau.numpy(), bins=50, alpha=0.6, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(taus) > 1:
+        ax.legend()
+    fig.tight_layout()
+    tracker.log_figure(fig, "tau_histogram.png")
+    plt.close(fig)
+
+
 def start_run(cfg: Config, world_size: int) -> tuple[str, str]:
     """Create the MLflow run in the driver; returns (tracking_uri, run_id)."""
     from mlflow.tracking import MlflowClient

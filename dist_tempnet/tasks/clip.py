@@ -19,6 +19,7 @@ from dist_tempnet.engine import ParamGroup, default_param_groups
 from dist_tempnet.evaluate import class_text_embeddings, gather_rows, lockstep, retrieval_metrics
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
+from dist_tempnet.tracking import log_tau_histogram
 from dist_tempnet.train import StepResult
 
 
@@ -263,22 +264,8 @@ class CLIPTask:
         return out
 
     def log_artifacts(self, tracker) -> None:
-        if not tracker.enabled or not self._last_eval_tau:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for side, tau in self._last_eval_tau.items():
-            ax.hist(tau.numpy(), bins=50, alpha=0.6, label=f"{side} τ")
-        ax.set_xlabel("τ (TempNet, held-out split)")
-        ax.set_ylabel("samples")
-        ax.legend()
-        fig.tight_layout()
-        tracker.log_figure(fig, "tau_histogram.png")
-        plt.close(fig)
+        taus = {f"{side} τ": tau for side, tau in self._last_eval_tau.items()}
+        log_tau_histogram(tracker, taus, "τ (TempNet, held-out split)", "samples")
 
 
 def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:

@@ -23,6 +23,7 @@ from dist_tempnet.evaluate import lockstep
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.models.lm import build_causal_lm
 from dist_tempnet.tempnet import LMTempNet
+from dist_tempnet.tracking import log_tau_histogram
 from dist_tempnet.train import StepResult
 
 
@@ -299,17 +300,5 @@ class LMTask:
         return results
 
     def log_artifacts(self, tracker) -> None:
-        if not tracker.enabled or self.last_tau is None:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(self.last_tau.numpy(), bins=50)
-        ax.set_xlabel("τ per token (last training batch)")
-        ax.set_ylabel("tokens")
-        fig.tight_layout()
-        tracker.log_figure(fig, "tau_histogram.png")
-        plt.close(fig)
+        if self.last_tau is not None:
+            log_tau_histogram(tracker, {"τ": self.last_tau}, "τ per token (last training batch)", "tokens")
