@@ -50,7 +50,7 @@ from dist_tempnet.config import Config
 
 COMPLETE = "COMPLETE"
 META = "meta.json"
-FAULT_ENV = "DIST_TEMPNET_FAULT"
+FAULT_ENV = "DIST_TEMPNET_FAULT"  # launcher.TEST_HOOK_ENV forwards it to Ray workers
 
 
 def rng_state() -> dict[str, Any]:
@@ -89,6 +89,17 @@ class InjectedFault(RuntimeError):
     """Raised by a `crash_in_save_step` fault."""
 
 
+# DIST_TEMPNET_FAULT key -> FaultPlan field (all integers; once_file is the one string).
+_FAULT_FIELDS = {
+    "kill_rank": "kill_rank",
+    "step": "kill_step",
+    "crash_in_save_step": "crash_in_save_step",
+    "rank": "crash_rank",
+    "nan_step": "nan_step",
+    "nan_from_step": "nan_from_step",
+}
+
+
 @dataclass
 class FaultPlan:
     """Faults a test asks for through `DIST_TEMPNET_FAULT="key=value,..."`:
@@ -115,21 +126,12 @@ class FaultPlan:
         spec = os.environ.get(FAULT_ENV, "").strip()
         if not spec:
             return cls()
-        raw = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
-        ints = {k: int(v) for k, v in raw.items() if k != "once_file"}
-        unknown = set(raw) - {"kill_rank", "step", "crash_in_save_step", "rank", "nan_step", "nan_from_step",
-                              "once_file"}
+        raw = dict(item.strip().split("=", 1) for item in spec.split(",") if item.strip())
+        unknown = set(raw) - set(_FAULT_FIELDS) - {"once_file"}
         if unknown:
             raise ValueError(f"{FAULT_ENV}: unknown keys {sorted(unknown)} in {spec!r}")
-        return cls(
-            kill_rank=ints.get("kill_rank"),
-            kill_step=ints.get("step"),
-            crash_in_save_step=ints.get("crash_in_save_step"),
-            crash_rank=ints.get("rank"),
-            nan_step=ints.get("nan_step"),
-            nan_from_step=ints.get("nan_from_step"),
-            once_file=raw.get("once_file", ""),
-        )
+        fields = {_FAULT_FIELDS[k]: int(v) for k, v in raw.items() if k in _FAULT_FIELDS}
+        return cls(once_file=raw.get("once_file", ""), **fields)
 
     def _claim(self, fault: str, rank: int) -> bool:
         """True the first time this rank fires this fault (always without a once_file)."""
@@ -269,8 +271,9 @@ def checkpoint_bytes(directory: Path) -> int:
 
 
 def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
-    """The `task` part of every old rank's file, in rank order."""
-    return [torch.load(p, map_location="cpu", weights_only=False)["task"] for p in rank_files]
+    """The `task` part of every old rank's file, in rank order (memory-mapped: every new rank reads
+    all old shards but keeps only the rows it owns)."""
+    return [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["task"] for p in rank_files]
 
 
 def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
@@ -377,6 +380,8 @@ class CheckpointSink:
     """
 
     resume_from: Path | None = None
+    # Seconds of the latest save by phase (e.g. write, upload, wait), for logging.
+    last_timing: dict[str, float] = {}
 
     def save(
         self,
@@ -413,6 +418,7 @@ class LocalSink(CheckpointSink):
         return complete_checkpoints(self.root)
 
     def save(self, engine, step, task_state, config, metrics, extra) -> str:
+        t0 = time.perf_counter()
         final = self.root / f"step_{step:08d}"
         staging = self.root / f".tmp-step_{step:08d}"
         if comm.rank() == 0:
@@ -428,6 +434,7 @@ class LocalSink(CheckpointSink):
             os.replace(staging, final)
             self._apply_retention()
         _barrier()
+        self.last_timing = {"write_s": time.perf_counter() - t0}
         return str(final)
 
     def _apply_retention(self) -> None:
@@ -455,18 +462,23 @@ class RaySink(CheckpointSink):
     def save(self, engine, step, task_state, config, metrics, extra) -> str:
         import ray.train
 
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="dist-tempnet-ckpt-") as tmp:
             directory = Path(tmp)
             write_rank_files(directory, engine, step, task_state, config, metrics, extra, self.fault)
             if comm.rank() == 0:
                 (directory / COMPLETE).write_text(str(step))
             _barrier()
+            t1 = time.perf_counter()
             ray.train.report(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))} | {"step": step},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=f"step_{step:08d}",
             )
+            t2 = time.perf_counter()
         _wait_until_collected()
+        waited = time.perf_counter() - t2
+        self.last_timing = {"write_s": t1 - t0, "upload_s": t2 - t1, "registered_wait_s": waited}
         storage = ray.train.get_context().get_storage()
         return str(storage.build_checkpoint_path_from_name(f"step_{step:08d}"))
 
@@ -552,10 +564,12 @@ def resolve_resume(spec: str, tracking_uri: str = "") -> Path:
         ) from exc
     target = run.data.tags.get("checkpoint_uri", "")
     if not target:
-        raise FileNotFoundError(f"--resume {spec!r}: MLflow run has no 'checkpoint_uri' tag (no checkpoint saved)")
+        raise FileNotFoundError(
+            f"--resume {spec!r}: the MLflow run has no 'checkpoint_uri' tag (never saved)"
+        )
     target_path = Path(target.removeprefix("file://"))
     if not target_path.exists():
-        raise FileNotFoundError(f"--resume {spec!r}: its checkpoint_uri {target} does not exist on this machine")
+        raise FileNotFoundError(f"--resume {spec!r}: its checkpoint_uri {target} does not exist here")
     resolved = _checkpoint_in_dir(target_path)
     print(f"[dist-tempnet] MLflow run {spec} → checkpoint {resolved}", file=sys.stderr, flush=True)
     return resolved

@@ -27,8 +27,11 @@ from typing import Any
 
 import yaml
 
-from dist_tempnet.checkpoint import FAULT_ENV, latest_checkpoint, read_meta
 from dist_tempnet.config import Config, load_config
+
+# Forwarded to the workers (names only: see checkpoint.FaultPlan and train.SeenIdsLog); written out
+# here so the driver does not import torch just for them.
+TEST_HOOK_ENV = ("DIST_TEMPNET_FAULT", "DIST_TEMPNET_SEEN_IDS")
 
 
 @dataclass
@@ -126,8 +129,7 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
     }
     for key in (
-        FAULT_ENV,
-        "DIST_TEMPNET_SEEN_IDS",
+        *TEST_HOOK_ENV,
         "NCCL_DEBUG",
         "NCCL_SOCKET_IFNAME",
         "NCCL_IB_DISABLE",
@@ -202,6 +204,8 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = "
 def config_for_resume(checkpoint: Path, overrides: list[str] | None = None) -> Config:
     """The checkpoint's resolved config with `overrides` applied (e.g. train.steps=2000, or
     ray.num_workers=4 for an elastic resume), validated like any config."""
+    from dist_tempnet.checkpoint import read_meta
+
     meta = read_meta(Path(checkpoint))
     with tempfile.TemporaryDirectory(prefix="dist-tempnet-resume-") as tmp:
         path = Path(tmp) / f"config of {Path(checkpoint).name}.yaml"
@@ -224,6 +228,7 @@ def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
 def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     """(uri, run_id, tracker) of the MLflow run a checkpoint belongs to, or None when it has none
     or it cannot be found (then a new run is created)."""
+    from dist_tempnet.checkpoint import read_meta
     from dist_tempnet.tracking import Tracker, resolve_tracking_uri
 
     meta = read_meta(checkpoint)
@@ -233,7 +238,9 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     saved_cfg_uri = meta["config"]["mlflow"]["tracking_uri"]
     # An explicit mlflow.tracking_uri override wins over the URI the run used.
     explicit = cfg.mlflow.tracking_uri and cfg.mlflow.tracking_uri != saved_cfg_uri
-    uri = resolve_tracking_uri(cfg.mlflow.tracking_uri if explicit else meta.get("tracking_uri") or saved_cfg_uri)
+    uri = resolve_tracking_uri(
+        cfg.mlflow.tracking_uri if explicit else meta.get("tracking_uri") or saved_cfg_uri
+    )
     tracker = Tracker(uri, run_id)
     try:
         tracker.client.get_run(run_id)
@@ -270,6 +277,8 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
 
     `resume_from`: a checkpoint directory to continue from (see `config_for_resume` for its config).
     """
+    from dist_tempnet.checkpoint import latest_checkpoint
+
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
@@ -282,8 +291,8 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
         continuing = latest_checkpoint(storage / cfg.run.name)
         if continuing is not None:
             print(
-                f"[dist-tempnet] Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from {continuing} "
-                "(choose another run.name for a fresh run)",
+                f"[dist-tempnet] Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
+                f"{continuing} (choose another run.name for a fresh run)",
                 flush=True,
             )
     uri, run_id, tracker = _open_tracking(cfg, continuing)

@@ -144,6 +144,7 @@ class Trainer:
         self.tracker = self._tracker(loop_config)
         self.step = 0
         self.resumed_step: int | None = None
+        self.resume_count = 0
         self.nonfinite_skipped = 0
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
@@ -175,7 +176,8 @@ class Trainer:
         if self.rank == 0:
             print(
                 f"[dist-tempnet] resumed ({meta.get('resume_kind', 'restart')}) from {meta['path']} at step "
-                f"{self.step}" + (f", elastic: {old_world} → {self.world} workers" if old_world != self.world else ""),
+                f"{self.step}"
+                + (f", elastic: {old_world} → {self.world} workers" if old_world != self.world else ""),
                 flush=True,
             )
             if old_world != self.world:
@@ -188,15 +190,16 @@ class Trainer:
         old_accum = old_cfg["global_batch_size"] // (old_world * old_cfg["micro_batch_size"])
         t = self.cfg.train
         print(
-            f"[dist-tempnet] elastic resume: global batch {old_cfg['global_batch_size']} → {t.global_batch_size}, "
-            f"gradient accumulation {old_accum} → {self.engine.gradient_accumulation_steps()}; DRO state "
-            "re-sharded, data position remapped (no sample of the epoch skipped or repeated)",
+            f"[dist-tempnet] elastic resume: global batch {old_cfg['global_batch_size']} → "
+            f"{t.global_batch_size}, gradient accumulation {old_accum} → "
+            f"{self.engine.gradient_accumulation_steps()}; DRO state re-sharded, data position remapped "
+            "(no sample of the epoch skipped or repeated)",
             flush=True,
         )
         if old_cfg["global_batch_size"] != t.global_batch_size:
             print(
-                "[dist-tempnet] WARNING: train.global_batch_size differs from the checkpoint's: the optimization "
-                "is not the one the interrupted run would have done",
+                "[dist-tempnet] WARNING: train.global_batch_size differs from the checkpoint's: the "
+                "optimization is not the one the interrupted run would have done",
                 file=sys.stderr,
                 flush=True,
             )
@@ -207,21 +210,24 @@ class Trainer:
             return
         count = self._previous_resume_count(meta) + 1
         kind = meta.get("resume_kind", "restart")
-        reason = (
-            "worker group restarted after a failure (see the Ray Train logs for the error)"
-            if kind == "restart"
-            else "manual resume (dist-tempnet train --resume)"
-        )
-        self.tracker.set_tags(
-            {
-                "resumed_from": meta["path"],
-                "resume_kind": kind,
-                "last_resume_unix": f"{self.resumed_at:.3f}",
-                "last_failure": reason if kind == "restart" else "",
-            }
-        )
+        tags = {
+            "resumed_from": meta["path"],
+            "resume_kind": kind,
+            "last_resume_unix": f"{self.resumed_at:.3f}",
+        }
+        if kind == "restart":
+            # The worker only learns that the group was restarted; the error itself is in Ray's logs.
+            tags["last_failure"] = (
+                f"worker group restarted after a failure at {time.strftime('%Y-%m-%d %H:%M:%S')}; resumed "
+                f"from step {self.step} (see the Ray Train logs for the error)"
+            )
+        self.tracker.set_tags(tags)
         self.tracker.log_metrics(
-            {"resume_count": float(count), "resumed_from_step": float(self.step), "resume_world_size": float(self.world)},
+            {
+                "resume_count": float(count),
+                "resumed_from_step": float(self.step),
+                "resume_world_size": float(self.world),
+            },
             self.step,
         )
         self.resume_count = count
@@ -296,7 +302,7 @@ class Trainer:
             metrics = self.train_step()
             self.step += 1
             self.fault.after_step(self.step, self.rank)
-            if self.step == (self.resumed_step or 0) + 1 and self.resumed_step is not None:
+            if self.resumed_step is not None and self.step == self.resumed_step + 1:
                 self._note_training_resumed()
             if metrics is None:
                 self._on_nonfinite()
@@ -336,8 +342,8 @@ class Trainer:
         self.tracker.log_metrics({"first_step_after_resume_unix": now}, self.step)
         if self.rank == 0:
             print(
-                f"[dist-tempnet] training resumed: step {self.step} done {now - self.resumed_at:.1f}s after the "
-                "checkpoint was loaded",
+                f"[dist-tempnet] training resumed: step {self.step} done {now - self.resumed_at:.1f}s "
+                "after the checkpoint was loaded",
                 flush=True,
             )
 
@@ -393,7 +399,7 @@ class Trainer:
             extra={
                 "mlflow_run_id": self.tracker.run_id or "",
                 "tracking_uri": self.tracking_uri,
-                "resume_count": getattr(self, "resume_count", 0),
+                "resume_count": self.resume_count,
                 "final": final,
                 "saved_unix": time.time(),
             },
@@ -402,10 +408,16 @@ class Trainer:
         size = checkpoint_bytes(Path(path)) if self.rank == 0 and path and Path(path).is_dir() else 0
         if path:
             self.tracker.set_tags({"checkpoint_uri": path, "checkpoint_step": self.step})
-        self.tracker.log_metrics({"checkpoint_save_s": seconds, "checkpoint_bytes": float(size)}, self.step)
+        phases = {f"checkpoint_{k}": v for k, v in self.sink.last_timing.items()}
+        self.tracker.log_metrics(
+            {"checkpoint_save_s": seconds, "checkpoint_bytes": float(size), **phases}, self.step
+        )
         if self.rank == 0:
+            detail = ", ".join(f"{k.removesuffix('_s')} {v:.2f}s" for k, v in self.sink.last_timing.items())
             print(
-                f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.2f}s ({size / 2**20:.1f} MiB)"
+                f"[dist-tempnet] checkpoint step {self.step} saved in {seconds:.2f}s"
+                + (f" ({detail})" if detail else "")
+                + f", {size / 2**20:.1f} MiB"
                 + (f" → {path}" if path else ""),
                 flush=True,
             )
@@ -455,7 +467,14 @@ class SeenIdsLog:
         ids = batch["sample_ids"].tolist()
         epochs = list(getattr(stream, "last_sample_epochs", []) or [-1] * len(ids))
         self._append(
-            {"step": step, "micro": micro, "rank": self.rank, "world": self.world, "ids": ids, "epochs": epochs}
+            {
+                "step": step,
+                "micro": micro,
+                "rank": self.rank,
+                "world": self.world,
+                "ids": ids,
+                "epochs": epochs,
+            }
         )
 
 

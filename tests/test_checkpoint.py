@@ -31,7 +31,9 @@ def clip_data(tmp_path_factory) -> Path:
     )
 
 
-def tiny_overrides(data: Path, world: int, steps: int, micro: int = 4, extra: list[str] | None = None) -> list[str]:
+def tiny_overrides(
+    data: Path, world: int, steps: int, micro: int = 4, extra: list[str] | None = None
+) -> list[str]:
     return [
         f"data.path={data}",
         "data.demo=false",
@@ -68,8 +70,15 @@ def test_same_world_resume_replays_exactly(clip_data, num_workers):
     tok = load_text_tokenizer(clip_data / "tokenizer.json")
 
     def stream(resume=None):
-        return clip_batches(manifest, batch_size=8, tokenizer=tok, num_workers=num_workers, shuffle_buffer=32,
-                            seed=3, resume=resume)
+        return clip_batches(
+            manifest,
+            batch_size=8,
+            tokenizer=tok,
+            num_workers=num_workers,
+            shuffle_buffer=32,
+            seed=3,
+            resume=resume,
+        )
 
     with stream() as s:
         uninterrupted = _ids(s, 40)  # 2.5 epochs
@@ -95,8 +104,16 @@ def test_elastic_data_position_sees_every_sample_once(clip_data):
             return stream.position_state()
 
     def stream(rank, world, resume=None):
-        return clip_batches(manifest, batch_size=4, rank=rank, world_size=world, tokenizer=tok,
-                            shuffle_buffer=16, seed=1, resume=resume)
+        return clip_batches(
+            manifest,
+            batch_size=4,
+            rank=rank,
+            world_size=world,
+            tokenizer=tok,
+            shuffle_buffer=16,
+            seed=1,
+            resume=resume,
+        )
 
     # 4 ranks at different depths (rank 3 is already in epoch 1), then 2, then 1.
     states4 = [run(stream(r, 4), n) for r, n in enumerate((3, 5, 2, 9))]
@@ -109,8 +126,9 @@ def test_elastic_data_position_sees_every_sample_once(clip_data):
 # ------------------------------------------------------------------------- the Trainer, no Ray
 
 
-def _trainer_worker(rank: int, world: int, data: str, root: str, steps: int, micro: int, env: dict,
-                    extra: list[str]) -> dict:
+def _trainer_worker(
+    rank: int, world: int, data: str, root: str, steps: int, micro: int, env: dict, extra: list[str]
+) -> dict:
     """Build a Trainer (resuming from `root` if it holds a checkpoint), then fit; returns what the
     tests compare: the step it resumed at, the DRO shard and fp32 master weights after loading and at
     the end. With `resave` in env, the engine state right after loading is saved there again (to
@@ -143,8 +161,9 @@ def _trainer_worker(rank: int, world: int, data: str, root: str, steps: int, mic
 
 def _train(world, data, root, steps, micro=4, env=None, extra=None, timeout=420):
     env = {"DS_ACCELERATOR": "cpu", **(env or {})}
-    return run_distributed(_trainer_worker, world, str(data), str(root), steps, micro, env, extra or [],
-                           timeout=timeout)
+    return run_distributed(
+        _trainer_worker, world, str(data), str(root), steps, micro, env, extra or [], timeout=timeout
+    )
 
 
 def _dro_table(states: list[dict]) -> dict[str, torch.Tensor]:
@@ -157,8 +176,9 @@ def _dro_table(states: list[dict]) -> dict[str, torch.Tensor]:
 def _full_adam_state(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Every param group's Adam moments and fp32 master weights, unpartitioned (ZeRO-2 elastic
     layout: each rank holds an unpadded slice of each group's flat vector)."""
-    files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda p: int(p.name.split("_")[3]))
+    files = sorted(
+        tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"), key=lambda p: int(p.name.split("_")[3])
+    )
     states = [torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"] for f in files]
     full = {}
     for group in range(len(states[0]["single_partition_of_fp32_groups"])):
@@ -201,6 +221,15 @@ def test_elastic_resume_4_to_2_to_1(clip_data, tmp_path):
     assert sorted(by_epoch[0]) == list(range(NUM_TRAIN)), "epoch 0: a sample was skipped or repeated"
     assert set(by_epoch) == {0}
 
+    # `dist-tempnet export` consolidates what we save (ZeRO-2, elastic optimizer layout).
+    from dist_tempnet.export import export_checkpoint, load_tempnets
+
+    exported = export_checkpoint(root / "step_00000008", tmp_path / "export")
+    tempnet = load_tempnets(exported)["image"].state_dict()
+    final = one[0]["final"]
+    for name, value in tempnet.items():
+        assert torch.equal(value, final[f"loss_fn.image_tempnet.{name}"]), name
+
 
 # ------------------------------------------------------------------- atomicity and completeness
 
@@ -217,7 +246,9 @@ class _FakeEngine:
 
 
 def _save(sink, step: int) -> str:
-    return sink.save(_FakeEngine(), step, {"data": None}, {"deepspeed": {"zero_stage": 2}}, {"step": step}, {})
+    return sink.save(
+        _FakeEngine(), step, {"data": None}, {"deepspeed": {"zero_stage": 2}}, {"step": step}, {}
+    )
 
 
 def test_crash_inside_save_never_leaves_a_complete_or_latest_checkpoint(tmp_path):
@@ -296,8 +327,9 @@ def test_resolve_resume_forms(tmp_path):
 # --------------------------------------------------------------------------------------- guards
 
 
-def _guard_worker(rank: int, world: int, data: str, root: str, tracking_uri: str, run_id: str,
-                  dead_uri: str) -> dict:
+def _guard_worker(
+    rank: int, world: int, data: str, root: str, tracking_uri: str, run_id: str, dead_uri: str
+) -> dict:
     """fit() with MLflow pointed at a dead server from step 3 on; then a run whose loss turns NaN."""
     import warnings
 
@@ -311,7 +343,9 @@ def _guard_worker(rank: int, world: int, data: str, root: str, tracking_uri: str
 
     out: dict = {}
     cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=["checkpoint.every=0"]))
-    trainer = Trainer(cfg, {"tracking_uri": tracking_uri, "mlflow_run_id": run_id}, LocalSink(Path(root) / "a", 2))
+    trainer = Trainer(
+        cfg, {"tracking_uri": tracking_uri, "mlflow_run_id": run_id}, LocalSink(Path(root) / "a", 2)
+    )
     before_step = trainer.task.before_step
 
     def server_dies_at_step_3(step: int):
@@ -327,7 +361,9 @@ def _guard_worker(rank: int, world: int, data: str, root: str, tracking_uri: str
     out["pending"] = len(trainer.tracker._pending)
 
     os.environ["DIST_TEMPNET_FAULT"] = "nan_from_step=3"
-    cfg = load_config(None, tiny_overrides(Path(data), 1, 8, micro=16, extra=["train.max_consecutive_nonfinite=2"]))
+    cfg = load_config(
+        None, tiny_overrides(Path(data), 1, 8, micro=16, extra=["train.max_consecutive_nonfinite=2"])
+    )
     trainer = Trainer(cfg, {}, LocalSink(Path(root) / "b", 2, fault=FaultPlan.from_env()))
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit()

@@ -167,6 +167,12 @@ class StreamSpec:
     worker_offset: int = 0
 
 
+@dataclass
+class _EpochTally:
+    produced: int = 0  # decoded samples
+    dropped: int = 0  # skipped as consumed before a resume
+
+
 class EpochStream(IterableDataset):
     """This rank's (and this worker's) endless sequence of full batches, epoch after epoch."""
 
@@ -204,16 +210,20 @@ class EpochStream(IterableDataset):
         shards = self.shards_for(epoch, worker, num_workers)
         return all(consumed[s.id_start - base : s.id_stop - base].all() for s in shards)
 
-    def epoch_samples(self, epoch: int, worker: int, num_workers: int, skips: SkipLog) -> Iterator[Any]:
+    def epoch_samples(
+        self, epoch: int, worker: int, num_workers: int, skips: SkipLog, tally: _EpochTally | None = None
+    ) -> Iterator[Any]:
         """Decoded samples of one epoch; ids consumed before a resume are dropped before decoding
         (after the shuffle buffer, so the remaining samples keep the uninterrupted order)."""
+        tally = tally or _EpochTally()
         consumed, base = self._consumed_in(epoch), self.spec.manifest.id_start
         for shard, sample in self._raw_epoch(epoch, worker, num_workers, skips):
             if consumed is not None and consumed[int(sample["__key__"]) - base]:
-                self._dropped_as_consumed += 1
+                tally.dropped += 1
                 continue
             decoded = self.spec.decode(sample, shard, skips)
             if decoded is not None:
+                tally.produced += 1
                 yield decoded
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -225,20 +235,23 @@ class EpochStream(IterableDataset):
         for epoch in itertools.count(spec.epoch_start):
             if self._nothing_left(epoch, worker, num_workers):
                 continue
-            produced, self._dropped_as_consumed = 0, 0
-            for sample in self.epoch_samples(epoch, worker, num_workers, skips):
-                produced += 1
+            tally = _EpochTally()
+            for sample in self.epoch_samples(epoch, worker, num_workers, skips, tally):
                 batch.append(sample)
                 epochs.append(epoch)
                 if len(batch) == spec.batch_size:
                     out = spec.collate(batch)
-                    out.update({
-                        _META_EPOCH: epoch, _META_WORKER: worker, _META_SKIPPED: skips.count,
-                        _META_SAMPLE_EPOCHS: torch.tensor(epochs, dtype=torch.long),
-                    })
+                    out.update(
+                        {
+                            _META_EPOCH: epoch,
+                            _META_WORKER: worker,
+                            _META_SKIPPED: skips.count,
+                            _META_SAMPLE_EPOCHS: torch.tensor(epochs, dtype=torch.long),
+                        }
+                    )
                     yield out
                     batch, epochs = [], []
-            if produced == 0 and self._dropped_as_consumed == 0:
+            if tally.produced == 0 and tally.dropped == 0:
                 # Without this, a rank whose shards are all corrupt (allow_corrupt) would spin forever.
                 names = [s.path.name for s in self.shards_for(epoch, worker, num_workers)]
                 raise RuntimeError(
@@ -287,8 +300,12 @@ class BatchStream:
 
     def state_dict(self) -> dict[str, int]:
         """Progress counters (for logging); ``position_state()`` is what a checkpoint needs."""
-        return {"epoch": self.epoch, "samples_seen": self.samples_seen, "batches_seen": self.batches_seen,
-                "corrupt_skipped": self.corrupt_skipped}
+        return {
+            "epoch": self.epoch,
+            "samples_seen": self.samples_seen,
+            "batches_seen": self.batches_seen,
+            "corrupt_skipped": self.corrupt_skipped,
+        }
 
     def position_state(self) -> dict[str, Any]:
         """This rank's exact data position: per open epoch, the packed bitmap of consumed ids."""
@@ -437,9 +454,11 @@ def resume_position(
     mine = next((s for s in states if s["rank"] == rank), None)
     # The worker rotation only means something for the same ranks with the same workers.
     same_layout = old_world == world_size and mine is not None and mine["num_workers"] == num_workers
-    counters = mine if same_layout else {
-        key: sum(s[key] for s in states) // world_size for key in ("samples_seen", "batches_seen")
-    }
+    counters = (
+        mine
+        if same_layout
+        else {key: sum(s[key] for s in states) // world_size for key in ("samples_seen", "batches_seen")}
+    )
     return StreamResume(
         epoch_start=first,
         consumed=consumed,
@@ -468,7 +487,7 @@ def resume_data_position(
     if any(p is None or "format" not in p for p in positions):
         epoch = min(int((p or {}).get("epoch", 0)) for p in positions)
         warnings.warn(
-            f"checkpoint holds no exact data position: the data stream restarts at the start of epoch {epoch}",
+            f"checkpoint holds no exact data position: the data stream restarts at epoch {epoch}'s start",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -486,8 +505,9 @@ def _resume_fields(resume: StreamResume | None, epoch_start: int) -> dict[str, A
     }
 
 
-def _check_stream_args(manifest: Manifest, batch_size: int, rank: int, world_size: int,
-                       num_workers: int) -> None:
+def _check_stream_args(
+    manifest: Manifest, batch_size: int, rank: int, world_size: int, num_workers: int
+) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
@@ -563,8 +583,14 @@ def clip_batches(
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
     check_shards_on_disk(manifest, allow_corrupt)
     spec = StreamSpec(
-        manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt,
+        manifest=manifest,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        allow_corrupt=allow_corrupt,
         decode=ImageTextDecoder(_resolve_image_size(image_size, manifest)),
         collate=ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len),
         **_resume_fields(resume, epoch_start),
@@ -595,9 +621,17 @@ def token_batches(
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
     check_shards_on_disk(manifest, allow_corrupt)
     spec = StreamSpec(
-        manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
-        shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt,
-        decode=TokenDecoder(manifest.seq_len), collate=collate_tokens, **_resume_fields(resume, epoch_start),
+        manifest=manifest,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        allow_corrupt=allow_corrupt,
+        decode=TokenDecoder(manifest.seq_len),
+        collate=collate_tokens,
+        **_resume_fields(resume, epoch_start),
     )
     return BatchStream(EpochStream(spec), num_workers, resume)
 
@@ -619,9 +653,16 @@ class EvalBatches:
     less than each other: gather results after the loop, not inside it.
     """
 
-    def __init__(self, manifest: Manifest, rank: int, world_size: int, batch_size: int,
-                 decode: Callable[..., Any], collate: Callable[[list[Any]], dict[str, Any]],
-                 allow_corrupt: bool) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        decode: Callable[..., Any],
+        collate: Callable[[list[Any]], dict[str, Any]],
+        allow_corrupt: bool,
+    ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
         self.id_start, self.id_stop = rank_id_range(manifest, rank, world_size)
@@ -681,13 +722,16 @@ def eval_batches(
     """
     manifest = resolve_manifest(manifest_or_dir, split, default_split="eval")
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError("need batch_size >= 1 and 0 <= rank < world_size, got "
-                         f"batch_size={batch_size} rank={rank} world_size={world_size}")
+        raise ValueError(
+            "need batch_size >= 1 and 0 <= rank < world_size, got "
+            f"batch_size={batch_size} rank={rank} world_size={world_size}"
+        )
     check_shards_on_disk(manifest, allow_corrupt)
     if manifest.kind == "image_text":
         decode: Callable[..., Any] = ImageTextDecoder(_resolve_image_size(image_size, manifest))
         collate: Callable[[list[Any]], dict[str, Any]] = ImageTextCollator(
-            _resolve_tokenizer(tokenizer, manifest), max_text_len)
+            _resolve_tokenizer(tokenizer, manifest), max_text_len
+        )
     else:
         decode, collate = TokenDecoder(manifest.seq_len), collate_tokens
     return EvalBatches(manifest, rank, world_size, batch_size, decode, collate, allow_corrupt)
