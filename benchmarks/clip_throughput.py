@@ -22,11 +22,24 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-GPU = ["model.preset=clip_vit_b32", "data.image_size=224", "data.max_text_len=32", "train.precision=bf16",
-       "train.global_batch_size=512", "train.micro_batch_size=512", "data.num_workers=12",
-       "data.demo_num_train=8192", "data.demo_num_eval=256", "data.shuffle_buffer=2048"]
-TINY = ["train.global_batch_size=32", "train.micro_batch_size=32", "data.demo_num_train=512",
-        "data.demo_num_eval=64"]
+GPU = [
+    "model.preset=clip_vit_b32",
+    "data.image_size=224",
+    "data.max_text_len=32",
+    "train.precision=bf16",
+    "train.global_batch_size=512",
+    "train.micro_batch_size=512",
+    "data.num_workers=12",
+    "data.demo_num_train=8192",
+    "data.demo_num_eval=256",
+    "data.shuffle_buffer=2048",
+]
+TINY = [
+    "train.global_batch_size=32",
+    "train.micro_batch_size=32",
+    "data.demo_num_train=512",
+    "data.demo_num_eval=64",
+]
 
 
 class TimedIterator:
@@ -93,14 +106,29 @@ def run_one(loss: str, source: str, overrides: list[str], steps: int, warmup: in
             times.append(time.perf_counter() - t0)
             waits.append(timed.wait_s - wait0)
     step_s = statistics.median(times)
-    return {"loss": loss, "source": source, "samples_per_s": cfg.train.global_batch_size / step_s,
-            "data_wait_share": sum(waits) / sum(times), "step_ms": 1000 * step_s,
-            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    return {
+        "loss": loss,
+        "source": source,
+        "samples_per_s": cfg.train.global_batch_size / step_s,
+        "data_wait_share": sum(waits) / sum(times),
+        "step_ms": 1000 * step_s,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
 
 
 def measure(loss: str, source: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--one", f"{loss}:{source}", "--steps", str(args.steps), "--warmup",
-           str(args.warmup), "--workdir", args.workdir] + [x for o in args.overrides for x in ("--override", o)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{loss}:{source}",
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--workdir",
+        args.workdir,
+    ] + [x for o in args.overrides for x in ("--override", o)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -129,15 +157,21 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup = 3, 1
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="dt-clip-bench-")
     rows = [measure(loss, src, args) for loss in args.losses.split(",") for src in ("random", "disk")]
-    print(f"\n{'loss':18} {'source':8} {'samples/s':>10} {'step ms':>9} {'data wait':>10} {'disk/compute':>13}")
-    compute = {r["loss"]: r["samples_per_s"] for r in rows if r.get("source") == "random" and "error" not in r}
+    print(
+        f"\n{'loss':18} {'source':8} {'samples/s':>10} {'step ms':>9} {'data wait':>10} {'disk/compute':>13}"
+    )
+    compute = {
+        r["loss"]: r["samples_per_s"] for r in rows if r.get("source") == "random" and "error" not in r
+    }
     for r in rows:
         if "error" in r:
             print(f"{r['loss']:18} {r['source']:8} FAILED\n{r['error']}")
             continue
         ratio = r["samples_per_s"] / compute[r["loss"]] if r["loss"] in compute else float("nan")
-        print(f"{r['loss']:18} {r['source']:8} {r['samples_per_s']:>10,.0f} {r['step_ms']:>9.1f} "
-              f"{r['data_wait_share']:>9.1%} {ratio:>13.3f}")
+        print(
+            f"{r['loss']:18} {r['source']:8} {r['samples_per_s']:>10,.0f} {r['step_ms']:>9.1f} "
+            f"{r['data_wait_share']:>9.1%} {ratio:>13.3f}"
+        )
     print(f"device: {rows[0].get('device', '?')}")
     return 0 if all("error" not in r for r in rows) else 1
 

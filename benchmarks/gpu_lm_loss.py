@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = ("cpu", "fp32") if args.tiny else ("cuda", "bf16")
     sizes = lm_loss.parse_sizes(args.sizes or (lm_loss.TINY_SIZES if args.tiny else GPU_SIZES))
     chunk = args.chunk_size or (lm_loss.TINY_CHUNK_SIZE if args.tiny else 4096)
-    run_args = argparse.Namespace(repeats=args.repeats if not args.tiny else 2, chunk_size=chunk,
-                                  device=device, dtype=dtype)
+    run_args = argparse.Namespace(
+        repeats=args.repeats if not args.tiny else 2, chunk_size=chunk, device=device, dtype=dtype
+    )
     failed = False
     for size in sizes:
         results = {v: lm_loss.measure(v, size, run_args) for v in lm_loss.VARIANTS}

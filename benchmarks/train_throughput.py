@@ -28,8 +28,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-TINY_LM = ["train.steps=8", "train.global_batch_size=2", "train.micro_batch_size=2", "data.seq_len=32",
-           "train.warmup_steps=1"]
+TINY_LM = [
+    "train.steps=8",
+    "train.global_batch_size=2",
+    "train.micro_batch_size=2",
+    "data.seq_len=32",
+    "train.warmup_steps=1",
+]
 
 
 def peak_flops(device_name: str) -> float | None:
@@ -80,7 +85,11 @@ def run_one(args: argparse.Namespace) -> dict:
     scratch = load_config(args.config, overrides + ["train.mode=scratch"] if args.task == "lm" else overrides)
     absolutize_paths(scratch)
     prepare_data(scratch)
-    if args.task == "lm" and args.one.partition(":")[2] in ("finetune", "tempnet_only") and not scratch.model.pretrained:
+    if (
+        args.task == "lm"
+        and args.one.partition(":")[2] in ("finetune", "tempnet_only")
+        and not scratch.model.pretrained
+    ):
         overrides.append(f"model.pretrained={_save_pretrained_copy(scratch, tmp / 'pretrained')}")
     cfg = load_config(args.config, overrides)
     absolutize_paths(cfg)
@@ -100,8 +109,14 @@ def run_one(args: argparse.Namespace) -> dict:
             units += metrics["units"]
     per_step = statistics.median(times)
     rate = units / len(times) / per_step
-    result = {"variant": args.one, "zero": args.zero, "unit": trainer.task.unit, "rate": rate,
-              "step_s": per_step, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+    result = {
+        "variant": args.one,
+        "zero": args.zero,
+        "unit": trainer.task.unit,
+        "rate": rate,
+        "step_s": per_step,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
     if cuda:
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     else:
@@ -120,8 +135,20 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 def measure(variant: str, zero: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--one", variant, "--zero", str(zero), "--task", args.task,
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        variant,
+        "--zero",
+        str(zero),
+        "--task",
+        args.task,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.config:
         cmd += ["--config", args.config]
     for o in args.override:
@@ -132,9 +159,13 @@ def measure(variant: str, zero: int, args: argparse.Namespace) -> dict:
     if proc.returncode != 0 or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         oom = "out of memory" in tail.lower()
-        return {"variant": variant, "zero": zero, "error": "OOM" if oom else f"failed (rc={proc.returncode})",
-                "log": tail}
-    return json.loads(lines[-1][len("RESULT "):])
+        return {
+            "variant": variant,
+            "zero": zero,
+            "error": "OOM" if oom else f"failed (rc={proc.returncode})",
+            "log": tail,
+        }
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def _has_cuda() -> bool:
@@ -147,7 +178,9 @@ def _has_cuda() -> bool:
 
 
 def report(results: list[dict]) -> None:
-    print(f"\n{'variant':32} {'ZeRO':>4} {'rate':>12} {'step ms':>9} {'peak GiB':>9} {'MFU':>6} {'vs plain':>9}")
+    print(
+        f"\n{'variant':32} {'ZeRO':>4} {'rate':>12} {'step ms':>9} {'peak GiB':>9} {'MFU':>6} {'vs plain':>9}"
+    )
     base: dict[int, float] = {}
     for r in results:
         if "error" not in r and (r["variant"].startswith("ce") or r["variant"] == "clip"):
@@ -158,8 +191,10 @@ def report(results: list[dict]) -> None:
             continue
         mfu = f"{r['mfu']:.3f}" if r.get("mfu") else "-"
         ratio = f"{r['rate'] / base[r['zero']]:.3f}" if r["zero"] in base else "-"
-        print(f"{r['variant']:32} {r['zero']:>4} {r['rate']:>10,.0f}/s {1000 * r['step_s']:>9.1f} "
-              f"{r['peak_gib']:>9.2f} {mfu:>6} {ratio:>9}")
+        print(
+            f"{r['variant']:32} {r['zero']:>4} {r['rate']:>10,.0f}/s {1000 * r['step_s']:>9.1f} "
+            f"{r['peak_gib']:>9.2f} {mfu:>6} {ratio:>9}"
+        )
     devices = {r.get("device") for r in results if "device" in r}
     print(f"device: {', '.join(sorted(d for d in devices if d))}; unit: {results[0].get('unit', '?')}/s")
 

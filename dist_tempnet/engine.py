@@ -70,6 +70,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=True)
+    if ds.zero_stage in (1, 2):
+        # Same bytes on disk, but the optimizer state can be re-partitioned for another world size.
+        zero["elastic_checkpoint"] = True
     if ds.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     if ds.offload_optimizer and ds.zero_stage >= 1:

@@ -74,7 +74,9 @@ class Tracker:
     `Tracker.disabled()` is a no-op stand-in for ranks other than 0 and runs without MLflow.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, max_buffer: int = 100_000) -> None:
+    def __init__(
+        self, tracking_uri: str, run_id: str, max_buffer: int = 100_000, backoff_s: float = 30.0
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
@@ -84,6 +86,11 @@ class Tracker:
         self._max_buffer = max_buffer
         self._warned = False
         self.failures = 0
+        # After a failure, calls are skipped (metrics and tags buffered) for backoff_s, so a slow or
+        # unreachable server costs one timeout per window instead of one per logging call.
+        self._backoff_s = backoff_s
+        self._skip_until = 0.0
+        self._pending_tags: dict[str, str] = {}
 
     @classmethod
     def disabled(cls) -> Tracker:
@@ -103,6 +110,8 @@ class Tracker:
         del self._pending[:1000]
 
     def _call(self, fn, *args, on_invalid=None, **kwargs) -> bool:
+        if time.monotonic() < self._skip_until:
+            return False
         try:
             fn(*args, **kwargs)
             return True
@@ -111,6 +120,7 @@ class Tracker:
                 on_invalid(exc)
                 return False
             self.failures += 1
+            self._skip_until = time.monotonic() + self._backoff_s
             if not self._warned:
                 warnings.warn(
                     f"MLflow tracking failed ({type(exc).__name__}: {exc}); training continues, "
@@ -129,8 +139,15 @@ class Tracker:
         self._pending.extend(Metric(metric_name(k), float(v), now, step) for k, v in metrics.items())
         self.flush()
 
-    def flush(self) -> None:
-        if not self.enabled or not self._pending:
+    def flush(self, force: bool = False) -> None:
+        """Send buffered metrics and tags; `force` ignores the failure back-off (end of training)."""
+        if not self.enabled:
+            return
+        if force:
+            self._skip_until = 0.0
+        if self._pending_tags:
+            self.set_tags({})
+        if not self._pending:
             return
         batch = self._pending[:1000]
         if self._call(self.client.log_batch, self.run_id, metrics=batch, on_invalid=self._drop_invalid):
@@ -152,10 +169,14 @@ class Tracker:
             self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
+        """Tags are kept until the server took them (the newest value of each wins)."""
         if not self.enabled:
             return
-        for k, v in tags.items():
-            self._call(self.client.set_tag, self.run_id, k, str(v))
+        self._pending_tags.update({k: str(v) for k, v in tags.items()})
+        for k, v in list(self._pending_tags.items()):
+            if not self._call(self.client.set_tag, self.run_id, k, v):
+                return
+            del self._pending_tags[k]
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
@@ -171,7 +192,7 @@ class Tracker:
 
     def terminate(self, status: str = "FINISHED") -> None:
         if self.enabled:
-            self.flush()
+            self.flush(force=True)
             self._call(self.client.set_terminated, self.run_id, status)
 
 

@@ -12,7 +12,6 @@ how it runs on a machine without Ray: `python -m dist_tempnet.train --config ...
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -31,7 +30,7 @@ import torch.distributed as dist
 from dist_tempnet import comm
 from dist_tempnet.checkpoint import CheckpointSink, FaultPlan, checkpoint_bytes, make_sink
 from dist_tempnet.config import Config, config_from_dict, load_config
-from dist_tempnet.engine import build_engine, deepspeed_config, group_lrs
+from dist_tempnet.engine import build_engine, group_lrs
 from dist_tempnet.tracking import Tracker
 
 # Debugging/tests: a directory where every rank appends the sample ids of each micro batch it trains
@@ -135,7 +134,7 @@ class Trainer:
         from dist_tempnet.tasks import build_task
 
         self.task = build_task(cfg, self.rank, self.world, self.device)
-        self.engine = build_engine(self.task.module, self.task.param_groups(), with_elastic_checkpoints(cfg))
+        self.engine = build_engine(self.task.module, self.task.param_groups(), cfg)
         if hasattr(self.task, "after_engine"):
             self.task.after_engine(self.engine)
         self.sink = sink
@@ -333,7 +332,7 @@ class Trainer:
         self.tracker.log_metrics({"train_time_s": final["train_time_s"]}, self.step)
         self.task.log_artifacts(self.tracker)
         self._checkpoint(final=True, metrics=final)
-        self.tracker.flush()
+        self.tracker.flush(force=True)
         return final
 
     def _note_training_resumed(self) -> None:
@@ -421,18 +420,6 @@ class Trainer:
                 + (f" → {path}" if path else ""),
                 flush=True,
             )
-
-
-def with_elastic_checkpoints(cfg: Config) -> Config:
-    """A copy of `cfg` whose ZeRO-1/2 optimizer state is saved in DeepSpeed's elastic layout (same
-    size on disk), so a run can resume on another number of workers. ZeRO-3 has no such mode."""
-    if cfg.deepspeed.zero_stage not in (1, 2):
-        return cfg
-    out = copy.deepcopy(cfg)
-    world = comm.world_size()
-    zero = deepspeed_config(cfg, world)["zero_optimization"]
-    out.deepspeed.extra = {**cfg.deepspeed.extra, "zero_optimization": {"elastic_checkpoint": True, **zero}}
-    return out
 
 
 class SeenIdsLog:

@@ -19,14 +19,28 @@ def _run(*args: str, cwd: Path) -> str:
 
 
 def test_train_throughput_tiny(tmp_path):
-    out = _run(str(REPO / "benchmarks" / "train_throughput.py"), "--tiny", "--workdir", str(tmp_path),
-               "--variants", "ce:scratch,tempnet:tempnet_only", cwd=tmp_path)
+    out = _run(
+        str(REPO / "benchmarks" / "train_throughput.py"),
+        "--tiny",
+        "--workdir",
+        str(tmp_path),
+        "--variants",
+        "ce:scratch,tempnet:tempnet_only",
+        cwd=tmp_path,
+    )
     assert "ce:scratch" in out and "tempnet:tempnet_only" in out and "tokens/s" in out
 
 
 def test_clip_throughput_tiny(tmp_path):
-    out = _run(str(REPO / "benchmarks" / "clip_throughput.py"), "--tiny", "--losses", "isogclr_tempnet",
-               "--workdir", str(tmp_path), cwd=tmp_path)
+    out = _run(
+        str(REPO / "benchmarks" / "clip_throughput.py"),
+        "--tiny",
+        "--losses",
+        "isogclr_tempnet",
+        "--workdir",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
     assert "isogclr_tempnet" in out and "disk/compute" in out
 
 

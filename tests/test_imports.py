@@ -23,7 +23,15 @@ def test_package_and_worker_loop_import_without_ray_or_mlflow():
 
 
 def test_plain_import_is_cheap():
-    out = subprocess.run([sys.executable, "-c", "import sys, dist_tempnet; print(sorted(m for m in "
-                          "('torch', 'deepspeed', 'ray', 'mlflow', 'transformers') if m in sys.modules))"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, dist_tempnet; print(sorted(m for m in "
+            "('torch', 'deepspeed', 'ray', 'mlflow', 'transformers') if m in sys.modules))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

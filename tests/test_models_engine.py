@@ -62,3 +62,10 @@ def test_deepspeed_config_accumulation_and_zero3():
     ds = deepspeed_config(cfg, world_size=1)
     assert ds["gradient_accumulation_steps"] == 2 and ds["bf16"]["enabled"]
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+def test_presets_are_not_mutated_by_builds():
+    from dist_tempnet.models.clip import clip_config
+
+    clip_config("clip_tiny", image_size=64, vocab_size=10)
+    assert clip_config("clip_tiny").vision_config.image_size == 32

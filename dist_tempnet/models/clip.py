@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -70,7 +71,7 @@ def clip_config(
 ) -> CLIPConfig:
     if preset not in CLIP_PRESETS:
         raise ValueError(f"model.preset: unknown CLIP preset {preset!r}; known: {', '.join(CLIP_PRESETS)}")
-    spec = _merge(CLIP_PRESETS[preset], {})
+    spec = copy.deepcopy(CLIP_PRESETS[preset])  # the presets are module constants: never mutate them
     text = spec["text_config"]
     if vocab_size is not None:
         text["vocab_size"] = vocab_size
