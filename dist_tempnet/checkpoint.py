@@ -403,14 +403,33 @@ class CheckpointSink:
         return load_into(self.resume_from, engine, task) | {"resume_kind": "manual"}
 
 
+def retained_checkpoints(
+    found: list[Path], keep_last: int, best_metric: str = "", mode: str = "max"
+) -> set[Path]:
+    """The newest `keep_last` checkpoints plus, with `best_metric`, the best one by that metric."""
+    keep = set(found[-keep_last:])
+    if best_metric:
+        scored = []
+        for path in found:
+            value = read_meta(path).get("metrics", {}).get(best_metric)
+            if isinstance(value, (int, float)) and value == value:
+                scored.append((value if mode == "max" else -value, path.name, path))
+        if scored:
+            keep.add(max(scored)[2])
+    return keep
+
+
 class LocalSink(CheckpointSink):
-    """Checkpoints on a path all ranks share; keeps the newest `keep_last`."""
+    """Checkpoints on a path all ranks share; keeps the newest `keep_last` (plus the best one)."""
 
     def __init__(
-        self, root: Path, keep_last: int, resume_from: Path | None = None, fault: FaultPlan | None = None
-    ) -> None:
+        self, root: Path, keep_last: int, resume_from: Path | None = None, fault: FaultPlan | None = None,
+        keep_best_metric: str = "", keep_best_mode: str = "max",
+    ) -> None:  # fmt: skip
         self.root = Path(root)
         self.keep_last = keep_last
+        self.keep_best_metric = keep_best_metric
+        self.keep_best_mode = keep_best_mode
         self.resume_from = Path(resume_from) if resume_from else None
         self.fault = fault or FaultPlan()
 
@@ -438,8 +457,11 @@ class LocalSink(CheckpointSink):
         return str(final)
 
     def _apply_retention(self) -> None:
-        for old in self.complete_checkpoints()[: -self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = self.complete_checkpoints()
+        keep = retained_checkpoints(found, self.keep_last, self.keep_best_metric, self.keep_best_mode)
+        for old in found:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
         # Staging directories of crashed saves: never complete, never loaded, only in the way.
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -521,7 +543,8 @@ def make_sink(cfg: Config, loop_config: dict[str, Any]) -> CheckpointSink:
         loop_config.get("checkpoint_root")
         or Path(cfg.run.output_dir).resolve() / cfg.run.name / "checkpoints"
     )
-    return LocalSink(root, cfg.checkpoint.keep_last, resume_from, fault)
+    return LocalSink(root, cfg.checkpoint.keep_last, resume_from, fault,
+                     cfg.checkpoint.keep_best_metric, cfg.checkpoint.keep_best_mode)  # fmt: skip
 
 
 # -- finding what to resume -------------------------------------------------------------------

@@ -138,6 +138,9 @@ class MLflowConfig:
 class CheckpointConfig:
     every: int = 0  # 0: only at the end
     keep_last: int = 2
+    # Also keep the checkpoint with the best value of this logged metric (e.g. eval/zero_shot_acc).
+    keep_best_metric: str = ""
+    keep_best_mode: str = "max"  # max | min
 
 
 @dataclass
@@ -366,6 +369,7 @@ def validate(cfg: Config, source: str = "config") -> None:
         "checkpoint.keep_last",
         f"must be >= 1, got {cfg.checkpoint.keep_last}",
     )
+    _one_of(cfg.checkpoint.keep_best_mode, ("max", "min"), source, "checkpoint.keep_best_mode")
     _check(cfg.eval.every >= 0, source, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(bool(cfg.data.path), source, "data.path", "must name a dataset directory")

@@ -172,8 +172,20 @@ def _init_ray(cfg: Config) -> bool:
     return cfg.ray.use_gpu == "true"
 
 
+def _checkpoint_config(cfg: Config):
+    """Ray keeps `keep_last` checkpoints; with a best metric Ray ranks them by that metric instead
+    of by age (Ray's own retention policy)."""
+    from ray.train import CheckpointConfig
+
+    c = cfg.checkpoint
+    if not c.keep_best_metric:
+        return CheckpointConfig(num_to_keep=c.keep_last)
+    return CheckpointConfig(num_to_keep=c.keep_last, checkpoint_score_attribute=c.keep_best_metric,
+                            checkpoint_score_order=c.keep_best_mode)  # fmt: skip
+
+
 def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = ""):
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from dist_tempnet.train import train_worker
@@ -193,7 +205,7 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = "
             name=ray_run_name or cfg.run.name,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            checkpoint_config=_checkpoint_config(cfg),
             worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
             logging_config=LoggingConfig(log_level="WARNING" if cfg.ray.quiet else "INFO"),
         ),

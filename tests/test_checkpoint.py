@@ -391,3 +391,20 @@ def test_mlflow_down_mid_run_and_nonfinite_guard(clip_data, tmp_path):
     from dist_tempnet.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "b").name == "step_00000004", "a checkpoint is saved before stopping"
+
+
+def test_retention_keeps_last_k_plus_best(tmp_path):
+    import json as _json
+
+    from dist_tempnet.checkpoint import COMPLETE, retained_checkpoints
+
+    found = []
+    for step, acc in [(2, 0.1), (4, 0.9), (6, 0.3), (8, float("nan")), (10, 0.2)]:
+        d = tmp_path / f"step_{step:08d}"
+        d.mkdir()
+        (d / COMPLETE).write_text("")
+        (d / "meta.json").write_text(_json.dumps({"step": step, "metrics": {"eval/acc": acc}}))
+        found.append(d)
+    assert retained_checkpoints(found, 2) == set(found[-2:])
+    assert retained_checkpoints(found, 2, "eval/acc", "max") == set(found[-2:]) | {found[1]}
+    assert retained_checkpoints(found, 1, "eval/acc", "min") == {found[-1], found[0]}
