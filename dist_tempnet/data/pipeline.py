@@ -550,6 +550,22 @@ def _manifest_of_kind(manifest_or_dir: ManifestLike, split: str | None, kind: st
     return manifest
 
 
+def _training_stream(
+    manifest: Manifest, decode: Callable[..., Any], collate: Callable[[list[Any]], dict[str, Any]],
+    batch_size: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int,
+    allow_corrupt: bool, epoch_start: int, shuffle: bool, resume: StreamResume | None,
+) -> BatchStream:  # fmt: skip
+    """The endless stream both training readers share; they differ only in decode/collate."""
+    _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
+    check_shards_on_disk(manifest, allow_corrupt)
+    spec = StreamSpec(
+        manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
+        shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt, decode=decode,
+        collate=collate, **_resume_fields(resume, epoch_start),
+    )  # fmt: skip
+    return BatchStream(EpochStream(spec), num_workers, resume)
+
+
 def clip_batches(
     manifest_or_dir: ManifestLike,
     split: str | None = None,
@@ -580,22 +596,10 @@ def clip_batches(
     exact data position and overrides ``epoch_start``.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "image_text")
-    _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
-    check_shards_on_disk(manifest, allow_corrupt)
-    spec = StreamSpec(
-        manifest=manifest,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer,
-        allow_corrupt=allow_corrupt,
-        decode=ImageTextDecoder(_resolve_image_size(image_size, manifest)),
-        collate=ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len),
-        **_resume_fields(resume, epoch_start),
-    )
-    return BatchStream(EpochStream(spec), num_workers, resume)
+    decode = ImageTextDecoder(_resolve_image_size(image_size, manifest))
+    collate = ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len)
+    return _training_stream(manifest, decode, collate, batch_size, rank, world_size, num_workers,
+                            shuffle_buffer, seed, allow_corrupt, epoch_start, shuffle, resume)  # fmt: skip
 
 
 def token_batches(
@@ -618,22 +622,9 @@ def token_batches(
     :func:`clip_batches`.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "tokens")
-    _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
-    check_shards_on_disk(manifest, allow_corrupt)
-    spec = StreamSpec(
-        manifest=manifest,
-        rank=rank,
-        world_size=world_size,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        shuffle_buffer=shuffle_buffer,
-        allow_corrupt=allow_corrupt,
-        decode=TokenDecoder(manifest.seq_len),
-        collate=collate_tokens,
-        **_resume_fields(resume, epoch_start),
-    )
-    return BatchStream(EpochStream(spec), num_workers, resume)
+    return _training_stream(manifest, TokenDecoder(manifest.seq_len), collate_tokens, batch_size, rank,
+                            world_size, num_workers, shuffle_buffer, seed, allow_corrupt, epoch_start,
+                            shuffle, resume)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ evaluation pass
