@@ -113,6 +113,28 @@ def test_lm_three_modes_export_generate(ray_session, workdir):
     assert {"eval/ppl", "eval/ppl_tempnet", "eval/token_acc", "tau/mean"} <= set(run.data.metrics)
     export = _lm_export(workdir, scratch, "scratch")
     assert (export / "config.json").is_file() and (export / "tempnet.safetensors").is_file()
+    # The CLI export logs the exported model to the training run (small: as an artifact).
+    from dist_tempnet.cli import main as cli_main
+
+    logged = workdir / "exports" / "scratch-cli"
+    assert (
+        cli_main(
+            [
+                "export",
+                "--checkpoint",
+                scratch.checkpoint,
+                "--out",
+                str(logged),
+                "--log-to-mlflow",
+                "--tracking-uri",
+                scratch.tracking_uri,
+            ]
+        )
+        == 0
+    )
+    run = client.get_run(scratch.run_id)
+    assert run.data.tags["export_uri"] == str(logged.resolve())
+    assert any(a.path == "export" for a in client.list_artifacts(scratch.run_id))
 
     _, finetune = _run(
         str(REPO / "configs" / "lm_tiny_finetune.yaml"),
