@@ -7,7 +7,7 @@ the distributed drivers feed them embeddings gathered from every rank.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -90,9 +90,3 @@ def lockstep(
         else:
             last = batch
             yield batch, True
-
-
-def run_lockstep(
-    batches: Iterator[dict[str, Any]], device: torch.device, fn: Callable[[dict[str, Any]], Any]
-) -> list[Any]:
-    return [out for batch, real in lockstep(batches, device) for out in [fn(batch)] if real]

@@ -113,11 +113,6 @@ class ProgressLine:
         )
 
 
-def _global_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    return float(comm.all_reduce_sum(t).item()) / comm.world_size()
-
-
 def _any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     return bool(comm.all_reduce_sum(t).item() > 0)

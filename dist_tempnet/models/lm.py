@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
 from dist_tempnet.models.common import make_scalar_params_1d, require_pretrained_dir
 
@@ -123,7 +123,3 @@ def count_parameters(preset: str, vocab_size: int | None = None) -> int:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in model.parameters())
-
-
-def load_lm_config(path: str) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(str(require_pretrained_dir(path)), local_files_only=True)

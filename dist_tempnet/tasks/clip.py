@@ -16,7 +16,13 @@ from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
 from dist_tempnet.data.pipeline import data_position, resume_data_position
 from dist_tempnet.engine import ParamGroup, default_param_groups
-from dist_tempnet.evaluate import class_text_embeddings, gather_rows, lockstep, retrieval_metrics
+from dist_tempnet.evaluate import (
+    class_text_embeddings,
+    gather_rows,
+    lockstep,
+    retrieval_metrics,
+    zero_shot_correct,
+)
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
 from dist_tempnet.tracking import log_tau_histogram
@@ -248,8 +254,7 @@ class CLIPTask:
         enc = tokenize(self.tokenizer, prompts, self.cfg.data.max_text_len, self.device)
         _, txt = module.embed(None, enc["input_ids"], enc["attention_mask"])
         class_emb = class_text_embeddings(txt.view(len(classes), len(templates), -1))
-        preds = (img_all @ class_emb.t()).argmax(dim=-1)
-        return float((preds == labels.to(preds.device)).float().mean())
+        return zero_shot_correct(img_all, class_emb, labels.to(img_all.device)) / max(1, labels.numel())
 
     def _eval_tau(
         self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor

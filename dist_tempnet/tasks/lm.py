@@ -7,7 +7,6 @@ LLaMA2-Chat setting. loss.name=ce trains with plain (chunked) cross-entropy, the
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
 from dist_tempnet.data.pipeline import data_position, resume_data_position
 from dist_tempnet.engine import ParamGroup, default_param_groups
-from dist_tempnet.evaluate import lockstep
+from dist_tempnet.evaluate import lockstep, perplexity
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.models.lm import build_causal_lm
 from dist_tempnet.tempnet import LMTempNet
@@ -290,13 +289,13 @@ class LMTask:
             module.train(was_training)
         n = max(1.0, float(sums[3]))
         results = {
-            "eval/ppl": math.exp(float(sums[0]) / n),
+            "eval/ppl": perplexity(float(sums[0]), int(sums[3])),
             "eval/token_acc": float(sums[2]) / n,
             "eval/loss_ce": float(sums[0]) / n,
             "eval/tokens": float(sums[3]),
         }
         if module.tempnet is not None:
-            results["eval/ppl_tempnet"] = math.exp(float(sums[1]) / n)
+            results["eval/ppl_tempnet"] = perplexity(float(sums[1]), int(sums[3]))
         return results
 
     def log_artifacts(self, tracker) -> None:
