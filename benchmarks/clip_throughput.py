@@ -78,16 +78,16 @@ class FixedBatch:
 def run_one(loss: str, source: str, overrides: list[str], steps: int, warmup: int, workdir: str) -> dict:
     import torch
 
-    from dist_tempnet.checkpoint import LocalSink
     from dist_tempnet.config import load_config
-    from dist_tempnet.launcher import absolutize_paths, prepare_data
-    from dist_tempnet.train import Trainer, to_device
+    from dist_tempnet.data.prepare import absolutize_paths, prepare_data
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.trainer import Trainer, to_device
 
     os.chdir(workdir)
     cfg = load_config(None, overrides + [f"loss.name={loss}", "ray.num_workers=1", "mlflow.enabled=false"])
     absolutize_paths(cfg)
     prepare_data(cfg)
-    trainer = Trainer(cfg, {}, LocalSink(Path(tempfile.mkdtemp()) / "ckpt", keep_last=1))
+    trainer = Trainer(cfg, None, LocalSink(Path(tempfile.mkdtemp()) / "ckpt", keep_last=1))
     if source == "random":
         first = to_device(next(trainer.batches), trainer.device)
         first["pixel_values"] = torch.randn_like(first["pixel_values"])

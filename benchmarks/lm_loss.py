@@ -161,23 +161,31 @@ def _ratio(a: dict, b: dict, key: str) -> str:
 def report(size: tuple[int, int, int], results: dict[str, dict], args: argparse.Namespace) -> None:
     n, vocab, d = size
     env = next((res["env"] for res in results.values() if "env" in res), "")
-    print(f"\nN={n} V={vocab} d={d} {args.dtype} {args.device} chunk_size={args.chunk_size} "
-          f"(median of {args.repeats} after 1 warm-up; {env})")
+    print(
+        f"\nN={n} V={vocab} d={d} {args.dtype} {args.device} chunk_size={args.chunk_size} "
+        f"(median of {args.repeats} after 1 warm-up; {env})"
+    )
     print(f"{'variant':<12} {'peak extra MiB':>15} {'median s':>10}  what")
     for variant, res in results.items():
         if "error" in res:
             print(f"{variant:<12} {'failed':>15} {'':>10}  {res['error']}")
             continue
-        print(f"{variant:<12} {res['peak_bytes'] / 2**20:>15.1f} {res['median_s']:>10.3f}  "
-              f"{DESCRIPTIONS[variant]}")
+        print(
+            f"{variant:<12} {res['peak_bytes'] / 2**20:>15.1f} {res['median_s']:>10.3f}  "
+            f"{DESCRIPTIONS[variant]}"
+        )
     if "fused" in results and "naive" in results:
         fused, naive = results["fused"], results["naive"]
-        print(f"fused/naive: memory {_ratio(fused, naive, 'peak_bytes')} (goal <= 0.1), "
-              f"time {_ratio(fused, naive, 'median_s')} (goal <= 1.2)")
+        print(
+            f"fused/naive: memory {_ratio(fused, naive, 'peak_bytes')} (goal <= 0.1), "
+            f"time {_ratio(fused, naive, 'median_s')} (goal <= 1.2)"
+        )
     if "fused" in results and "chunked_ce" in results:
         fused, floor = results["fused"], results["chunked_ce"]
-        print(f"fused/chunked_ce: memory {_ratio(fused, floor, 'peak_bytes')}, "
-              f"time {_ratio(fused, floor, 'median_s')}")
+        print(
+            f"fused/chunked_ce: memory {_ratio(fused, floor, 'peak_bytes')}, "
+            f"time {_ratio(fused, floor, 'median_s')}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,10 +75,10 @@ def run_one(args: argparse.Namespace) -> dict:
     """In this process: build the Trainer for one variant and time its steps."""
     import torch
 
-    from dist_tempnet.checkpoint import LocalSink
     from dist_tempnet.config import load_config
-    from dist_tempnet.launcher import absolutize_paths, prepare_data
-    from dist_tempnet.train import Trainer
+    from dist_tempnet.data.prepare import absolutize_paths, prepare_data
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.trainer import Trainer
 
     overrides = list(args.override) + _overrides_for(args.one, args.task, args.zero)
     tmp = Path(tempfile.mkdtemp(prefix="dt-bench-"))
@@ -93,7 +93,7 @@ def run_one(args: argparse.Namespace) -> dict:
         overrides.append(f"model.pretrained={_save_pretrained_copy(scratch, tmp / 'pretrained')}")
     cfg = load_config(args.config, overrides)
     absolutize_paths(cfg)
-    trainer = Trainer(cfg, {}, LocalSink(tmp / "ckpt", keep_last=1))
+    trainer = Trainer(cfg, None, LocalSink(tmp / "ckpt", keep_last=1))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()

@@ -563,13 +563,15 @@ def configmap_files(docs: list[dict], doc: dict[str, Any], mount_path: str) -> d
 
 
 def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
+    from dist_tempnet.commands.cli import build_parser
     from dist_tempnet.config import ConfigError
-    from dist_tempnet.submit import check_entrypoint as check_cli_entrypoint
-    from dist_tempnet.submit import parse_cli_entrypoint
+    from dist_tempnet.driver.submit import check_entrypoint as check_cli_entrypoint
+    from dist_tempnet.driver.submit import parse_cli_entrypoint
 
+    parser = build_parser()
     name, entrypoint = describe(doc), str(doc.get("spec", {}).get("entrypoint", ""))
     try:
-        args = parse_cli_entrypoint(entrypoint)
+        args = parse_cli_entrypoint(entrypoint, parser)
     except ValueError as exc:
         return [f"{name}: {exc}"]
     if args is None:
@@ -590,7 +592,7 @@ def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
         local = Path(tmp) / file_name
         local.write_text(files[file_name])
         try:
-            cfg = check_cli_entrypoint(entrypoint, lambda _path: str(local))
+            cfg = check_cli_entrypoint(entrypoint, parser, lambda _path: str(local))
         except ConfigError as exc:
             return [f"{name}: the entrypoint's config does not validate: {exc}"]
     return check_capacity(doc, cfg) if cfg is not None and args.command == "train" else []

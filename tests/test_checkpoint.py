@@ -136,11 +136,12 @@ def _trainer_worker(
     os.environ.update(env)
     from deepspeed.utils import safe_get_full_fp32_param
 
-    from dist_tempnet.checkpoint import FaultPlan, LocalSink
-    from dist_tempnet.train import Trainer
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.faults import FaultPlan
+    from dist_tempnet.runtime.trainer import Trainer
 
     cfg = load_config(None, tiny_overrides(Path(data), world, steps, micro, extra))
-    trainer = Trainer(cfg, {}, LocalSink(Path(root), cfg.checkpoint.keep_last, fault=FaultPlan.from_env()))
+    trainer = Trainer(cfg, None, LocalSink(Path(root), cfg.checkpoint.keep_last, fault=FaultPlan.from_env()))
 
     def snapshot():
         return {n: safe_get_full_fp32_param(p).clone() for n, p in trainer.engine.module.named_parameters()}
@@ -215,14 +216,14 @@ def test_elastic_resume_4_to_2_to_1(clip_data, tmp_path):
     assert saved.keys() == reloaded.keys()
     for key in saved:
         assert torch.equal(saved[key], reloaded[key]), f"optimizer state {key} not re-partitioned exactly"
-    from dist_tempnet.train import seen_ids_by_epoch
+    from dist_tempnet.runtime.faults import seen_ids_by_epoch
 
     by_epoch = seen_ids_by_epoch(seen)
     assert sorted(by_epoch[0]) == list(range(NUM_TRAIN)), "epoch 0: a sample was skipped or repeated"
     assert set(by_epoch) == {0}
 
     # `dist-tempnet export` consolidates what we save (ZeRO-2, elastic optimizer layout).
-    from dist_tempnet.export import export_checkpoint, load_tempnets
+    from dist_tempnet.runtime.export import export_checkpoint, load_tempnets
 
     exported = export_checkpoint(root / "step_00000008", tmp_path / "export")
     tempnet = load_tempnets(exported)["image"].state_dict()
@@ -252,7 +253,8 @@ def _save(sink, step: int) -> str:
 
 
 def test_crash_inside_save_never_leaves_a_complete_or_latest_checkpoint(tmp_path):
-    from dist_tempnet.checkpoint import FaultPlan, InjectedFault, LocalSink, latest_checkpoint
+    from dist_tempnet.runtime.checkpoint import LocalSink, latest_checkpoint
+    from dist_tempnet.runtime.faults import FaultPlan, InjectedFault
 
     sink = LocalSink(tmp_path, keep_last=2, fault=FaultPlan(crash_in_save_step=4))
     _save(sink, 2)
@@ -269,7 +271,7 @@ def test_crash_inside_save_never_leaves_a_complete_or_latest_checkpoint(tmp_path
 
 def test_partial_multi_rank_checkpoint_is_incomplete(tmp_path):
     """What Ray leaves when rank 1 dies mid-save: rank 0's files (with COMPLETE) but not rank 1's."""
-    from dist_tempnet.checkpoint import LocalSink, is_complete, latest_checkpoint, missing_parts
+    from dist_tempnet.runtime.checkpoint import LocalSink, is_complete, latest_checkpoint, missing_parts
 
     sink = LocalSink(tmp_path, keep_last=5)
     good = Path(_save(sink, 2))
@@ -287,7 +289,7 @@ def test_partial_multi_rank_checkpoint_is_incomplete(tmp_path):
 
 
 def test_fault_plan_from_env_fires_once(tmp_path, monkeypatch):
-    from dist_tempnet.checkpoint import FAULT_ENV, FaultPlan, InjectedFault
+    from dist_tempnet.runtime.faults import FAULT_ENV, FaultPlan, InjectedFault
 
     monkeypatch.setenv(FAULT_ENV, f"crash_in_save_step=3,rank=1,nan_from_step=7,once_file={tmp_path / 'x'}")
     plan = FaultPlan.from_env()
@@ -305,7 +307,8 @@ def test_fault_plan_from_env_fires_once(tmp_path, monkeypatch):
 def test_resolve_resume_forms(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.checkpoint import LocalSink, resolve_resume
+    from dist_tempnet.driver.resume import resolve_resume
+    from dist_tempnet.runtime.checkpoint import LocalSink
 
     run_dir = tmp_path / "ray" / "job"
     sink = LocalSink(run_dir, keep_last=5)
@@ -338,14 +341,15 @@ def _guard_worker(
     )
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.checkpoint import FaultPlan, LocalSink
-    from dist_tempnet.train import NonFiniteLossError, Trainer
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.faults import FaultPlan
+    from dist_tempnet.runtime.spec import WorkerSpec
+    from dist_tempnet.runtime.trainer import NonFiniteLossError, Trainer
 
     out: dict = {}
     cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=["checkpoint.every=0"]))
-    trainer = Trainer(
-        cfg, {"tracking_uri": tracking_uri, "mlflow_run_id": run_id}, LocalSink(Path(root) / "a", 2)
-    )
+    spec = WorkerSpec(cfg.to_dict(), tracking_uri=tracking_uri, mlflow_run_id=run_id)
+    trainer = Trainer(cfg, spec, LocalSink(Path(root) / "a", 2))
     before_step = trainer.task.before_step
 
     def server_dies_at_step_3(step: int):
@@ -364,7 +368,7 @@ def _guard_worker(
     cfg = load_config(
         None, tiny_overrides(Path(data), 1, 8, micro=16, extra=["train.max_consecutive_nonfinite=2"])
     )
-    trainer = Trainer(cfg, {}, LocalSink(Path(root) / "b", 2, fault=FaultPlan.from_env()))
+    trainer = Trainer(cfg, None, LocalSink(Path(root) / "b", 2, fault=FaultPlan.from_env()))
     with pytest.raises(NonFiniteLossError) as info:
         trainer.fit()
     out["nan_error"], out["nan_step"] = str(info.value), trainer.step
@@ -388,7 +392,7 @@ def test_mlflow_down_mid_run_and_nonfinite_guard(clip_data, tmp_path):
     assert out["pending"] > 0, "metrics logged while the server was down stay buffered"
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2]
     assert "2 consecutive non-finite steps" in out["nan_error"] and out["nan_step"] == 4
-    from dist_tempnet.checkpoint import latest_checkpoint
+    from dist_tempnet.runtime.checkpoint import latest_checkpoint
 
     assert latest_checkpoint(tmp_path / "b").name == "step_00000004", "a checkpoint is saved before stopping"
 
@@ -396,7 +400,7 @@ def test_mlflow_down_mid_run_and_nonfinite_guard(clip_data, tmp_path):
 def test_retention_keeps_last_k_plus_best(tmp_path):
     import json as _json
 
-    from dist_tempnet.checkpoint import COMPLETE, retained_checkpoints
+    from dist_tempnet.runtime.checkpoint import COMPLETE, retained_checkpoints
 
     found = []
     for step, acc in [(2, 0.1), (4, 0.9), (6, 0.3), (8, float("nan")), (10, 0.2)]:

@@ -14,8 +14,8 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from dist_tempnet import cli  # noqa: E402
-from dist_tempnet.compare import (  # noqa: E402
+from dist_tempnet.commands import cli  # noqa: E402
+from dist_tempnet.reporting.compare import (  # noqa: E402
     COMPARISON_TAG,
     SWEEP_TAG,
     CompareError,
@@ -294,8 +294,8 @@ def test_cli_writes_plots_and_logs_comparison(store, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # Sweep: grid parsing and validation (before anything runs), parent/child runs, the final table
 
-from dist_tempnet import sweep  # noqa: E402
 from dist_tempnet.config import ConfigError  # noqa: E402
+from dist_tempnet.driver import sweep  # noqa: E402
 
 
 def test_grid_expansion_order_and_values():
@@ -362,8 +362,8 @@ def test_each_point_gets_its_own_run_name():
 
 def _stub_training(cfg):
     """Stands in for launcher.run_training: a real MLflow run with metrics, no model."""
-    from dist_tempnet.launcher import RunSummary
-    from dist_tempnet.tracking import Tracker, start_run
+    from dist_tempnet.driver.launcher import RunSummary
+    from dist_tempnet.runtime.tracking import Tracker, start_run
 
     uri, run_id = start_run(cfg, cfg.ray.num_workers)
     tracker = Tracker(uri, run_id)
@@ -378,7 +378,7 @@ def _stub_training(cfg):
 
 
 def test_sweep_parent_children_and_table(monkeypatch, tmp_path, capsys):
-    from dist_tempnet import launcher
+    from dist_tempnet.driver import launcher
 
     monkeypatch.setattr(launcher, "run_training", _stub_training)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -437,7 +437,7 @@ def test_sweep_end_to_end(tmp_path):
         [
             sys.executable,
             "-m",
-            "dist_tempnet.cli",
+            "dist_tempnet.commands.cli",
             "sweep",
             "--name",
             "e2e",
@@ -474,7 +474,7 @@ def test_sweep_end_to_end(tmp_path):
     for png in ("loss_vs_step.png", "eval_vs_step.png", "tau_vs_step.png", "tau_histograms.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:8] == PNG_MAGIC
     again = subprocess.run(
-        [sys.executable, "-m", "dist_tempnet.cli", "compare", "--no-plots"],
+        [sys.executable, "-m", "dist_tempnet.commands.cli", "compare", "--no-plots"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_tempnet.cli import main as cli_main
+from dist_tempnet.commands.cli import main as cli_main
 from dist_tempnet.config import (
     Config,
     ConfigError,

@@ -57,7 +57,7 @@ def workdir(tmp_path_factory):
 
 
 def _run(config: str | None, overrides: list[str]):
-    from dist_tempnet.launcher import run_training
+    from dist_tempnet.driver.launcher import run_training
 
     cfg = load_config(config, overrides)
     return cfg, run_training(cfg)
@@ -98,14 +98,14 @@ def test_clip_job_through_ray_deepspeed_mlflow(ray_session, workdir, zero_stage,
 
 
 def _lm_export(workdir: Path, summary, name: str) -> Path:
-    from dist_tempnet.export import export_checkpoint
+    from dist_tempnet.runtime.export import export_checkpoint
 
     return export_checkpoint(summary.checkpoint, workdir / "exports" / name)
 
 
 def test_lm_three_modes_export_generate(ray_session, workdir):
-    from dist_tempnet.export import load_tempnets
-    from dist_tempnet.generate import generate_text, load_for_generation
+    from dist_tempnet.models.generation import generate_text, load_for_generation
+    from dist_tempnet.runtime.export import load_tempnets
 
     _, scratch = _run(str(REPO / "configs" / "lm_tiny_scratch.yaml"), TINY_LM + ["run.name=e2e-lm-scratch"])
     client, run = _mlflow_run(scratch)
@@ -114,7 +114,7 @@ def test_lm_three_modes_export_generate(ray_session, workdir):
     export = _lm_export(workdir, scratch, "scratch")
     assert (export / "config.json").is_file() and (export / "tempnet.safetensors").is_file()
     # The CLI export logs the exported model to the training run (small: as an artifact).
-    from dist_tempnet.cli import main as cli_main
+    from dist_tempnet.commands.cli import main as cli_main
 
     logged = workdir / "exports" / "scratch-cli"
     assert (

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_tempnet import cli
+from dist_tempnet.commands import cli
 from dist_tempnet.config import Config
-from dist_tempnet.evaluate import (
+from dist_tempnet.metrics import (
     class_text_embeddings,
     perplexity,
     recall_at_k,
@@ -152,7 +152,7 @@ class _ReadsEvalSplit:
 
 @pytest.fixture()
 def fake_model(monkeypatch):
-    from dist_tempnet import eval_cli
+    from dist_tempnet.runtime import evaluation as eval_cli
 
     monkeypatch.setattr(eval_cli, "build_and_load", lambda cfg, ckpt, meta: (_ReadsEvalSplit(cfg), None))
 
@@ -233,7 +233,7 @@ def test_eval_real_checkpoint_matches_training_and_logs(tmp_path):
         [
             sys.executable,
             "-m",
-            "dist_tempnet.cli",
+            "dist_tempnet.commands.cli",
             "make-shards",
             "--out",
             "data/demo_clip",
@@ -248,7 +248,7 @@ def test_eval_real_checkpoint_matches_training_and_logs(tmp_path):
         capture_output=True,
     )
     done = subprocess.run(
-        [sys.executable, "-m", "dist_tempnet.train", *overrides],
+        [sys.executable, "-m", "dist_tempnet.runtime.trainer", *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -266,7 +266,7 @@ def test_eval_real_checkpoint_matches_training_and_logs(tmp_path):
         [
             sys.executable,
             "-m",
-            "dist_tempnet.cli",
+            "dist_tempnet.commands.cli",
             "eval",
             "--checkpoint",
             str(ckpt_root),
@@ -296,7 +296,7 @@ def test_eval_real_checkpoint_matches_training_and_logs(tmp_path):
         [
             sys.executable,
             "-m",
-            "dist_tempnet.cli",
+            "dist_tempnet.commands.cli",
             "eval",
             "--checkpoint",
             str(ckpt_root),

@@ -74,7 +74,7 @@ def overrides(workdir: Path, name: str) -> list[str]:
 
 
 def _run(workdir: Path, name: str, fault: str = ""):
-    from dist_tempnet.launcher import run_training
+    from dist_tempnet.driver.launcher import run_training
 
     env = {"DIST_TEMPNET_SEEN_IDS": str(workdir / f"seen-{name}")}
     if fault:
@@ -89,9 +89,9 @@ def _run(workdir: Path, name: str, fault: str = ""):
 
 def _final_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(consolidated fp32 module weights incl. TempNets, full DRO table) of a checkpoint."""
-    from dist_tempnet.checkpoint import read_meta, read_task_states
     from dist_tempnet.dro_state import DROState
-    from dist_tempnet.export import consolidated_state_dict
+    from dist_tempnet.runtime.checkpoint import read_meta, read_task_states
+    from dist_tempnet.runtime.export import consolidated_state_dict
 
     world = read_meta(checkpoint)["world_size"]
     states = read_task_states([checkpoint / f"rank_{r}.pt" for r in range(world)])
@@ -126,7 +126,7 @@ def test_killed_worker_and_crashed_save_resume_to_the_same_result(workdir, runs)
     for name, value in ref_dro.items():
         assert torch.equal(value, dro[name]), f"DRO state {name} differs from the uninterrupted run"
 
-    from dist_tempnet.train import seen_batches, seen_ids_by_epoch
+    from dist_tempnet.runtime.faults import seen_batches, seen_ids_by_epoch
 
     seen = seen_ids_by_epoch(workdir / "seen-faulted")
     assert sorted(seen[0]) == list(range(NUM_TRAIN)), "a sample of the epoch was skipped or trained twice"
@@ -137,7 +137,7 @@ def test_killed_worker_and_crashed_save_resume_to_the_same_result(workdir, runs)
 def test_failures_are_logged_in_the_same_mlflow_run(workdir, runs):
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.checkpoint import checkpoint_bytes
+    from dist_tempnet.runtime.checkpoint import checkpoint_bytes
 
     _, faulted = runs
     client = MlflowClient(tracking_uri=faulted.tracking_uri)
@@ -173,8 +173,8 @@ def test_manual_resume_trains_longer_on_one_worker_and_exports(workdir, runs):
     2 → 1 under Ray, the same MLflow run continues, and the new checkpoint exports."""
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.cli import main
-    from dist_tempnet.export import export_checkpoint, load_tempnets
+    from dist_tempnet.commands.cli import main
+    from dist_tempnet.runtime.export import export_checkpoint, load_tempnets
 
     _, faulted = runs
     argv = ["train", "--resume", faulted.run_id, "train.steps=10", "ray.num_workers=1"]

@@ -9,8 +9,9 @@ CODE = """
 import sys
 import dist_tempnet as dt
 dt.LMTempNet, dt.CLIPTempNet, dt.tempnet_lm_loss, dt.GlobalDROContrastiveLoss
-import dist_tempnet.train, dist_tempnet.tasks.clip, dist_tempnet.tasks.lm, dist_tempnet.checkpoint
-import dist_tempnet.export, dist_tempnet.generate
+import dist_tempnet.runtime.trainer, dist_tempnet.tasks.clip, dist_tempnet.tasks.lm
+import dist_tempnet.runtime.checkpoint, dist_tempnet.train
+import dist_tempnet.runtime.export, dist_tempnet.models.generation
 heavy = sorted(m for m in ("ray", "mlflow") if m in sys.modules)
 print("HEAVY", heavy)
 """

@@ -23,10 +23,10 @@ def text_data(tmp_path_factory) -> Path:
 
 
 def _trainer(cfg, tmp: str):
-    from dist_tempnet.checkpoint import LocalSink
-    from dist_tempnet.train import Trainer
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.trainer import Trainer
 
-    return Trainer(cfg, {}, LocalSink(Path(tmp) / "ckpt", keep_last=1))
+    return Trainer(cfg, None, LocalSink(Path(tmp) / "ckpt", keep_last=1))
 
 
 def _tempnet_only_worker(rank: int, world: int, data: str, tmp: str, stage: int):

@@ -6,10 +6,11 @@ import torch
 from torch import nn
 
 from dist_tempnet.config import load_config
-from dist_tempnet.engine import deepspeed_config, default_param_groups, lr_lambda
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
 from dist_tempnet.models.common import make_scalar_params_1d
 from dist_tempnet.models.lm import build_causal_lm, count_parameters
+from dist_tempnet.runtime.engine import deepspeed_config, lr_lambda
+from dist_tempnet.tasks.base import default_param_groups
 
 
 def test_scalar_params_become_1d():

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_tempnet import plan as planner
-from dist_tempnet.cli import main
+from dist_tempnet.commands.cli import main
 from dist_tempnet.config import load_config
+from dist_tempnet.driver import plan as planner
 
 REPO = Path(__file__).resolve().parents[1]
 LLM_ZERO3 = REPO / "configs" / "llm_1b_zero3.yaml"
@@ -282,11 +282,12 @@ import json, os, resource, sys
 import torch
 import deepspeed  # noqa: F401  (its import cost belongs to the baseline)
 from dist_tempnet.config import load_config
-from dist_tempnet.engine import build_engine, default_param_groups
+from dist_tempnet.runtime.engine import build_engine
+from dist_tempnet.tasks.base import default_param_groups
 from dist_tempnet.losses.contrastive import build_contrastive_loss
 from dist_tempnet.models.clip import build_clip_model
 from dist_tempnet.tasks.clip import CLIPTrainModule, loss_kwargs
-from dist_tempnet.train import init_distributed
+from dist_tempnet.runtime.trainer import init_distributed
 
 def rss():
     with open("/proc/self/statm") as f:

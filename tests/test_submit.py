@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from dist_tempnet.commands.cli import build_parser
 from dist_tempnet.config import ConfigError
-from dist_tempnet.submit import (
+from dist_tempnet.driver.submit import (
     build_runtime_env,
     check_entrypoint,
     enable_token_auth,
@@ -95,15 +96,16 @@ def test_token_auth_is_enabled_when_a_token_exists(tmp_path, monkeypatch):
 
 
 def test_entrypoints_are_checked_before_submission():
+    parser = build_parser()
     cfg = check_entrypoint(
-        "dist-tempnet train --config configs/clip_tiny.yaml train.steps=6", lambda p: str(REPO / p)
+        "dist-tempnet train --config configs/clip_tiny.yaml train.steps=6", parser, lambda p: str(REPO / p)
     )
     assert cfg is not None and cfg.train.steps == 6
-    assert check_entrypoint("python -c 'print(1)'") is None
+    assert check_entrypoint("python -c 'print(1)'", parser) is None
     with pytest.raises(ConfigError, match="train.stepz"):
-        check_entrypoint("dist-tempnet train train.stepz=6")
+        check_entrypoint("dist-tempnet train train.stepz=6", parser)
     with pytest.raises(ValueError, match="not a valid dist-tempnet command"):
-        parse_cli_entrypoint("dist-tempnet trian --config x.yaml")
+        parse_cli_entrypoint("dist-tempnet trian --config x.yaml", parser)
 
 
 def test_submit_refuses_a_bad_config_without_contacting_a_cluster():

@@ -190,12 +190,14 @@ def write_captions(scenes: SceneBatch, templates: tuple[str, ...], rng: np.rando
         phrases = POSITION_PHRASES[scenes.position[i]]
         size_words = SIZE_WORDS[scenes.size[i]]
         captions.append(
-            fix_articles(templates[template_idx[i]].format(
-                color=COLOR_NAMES[scenes.color[i]],
-                shape=SHAPES[scenes.shape[i]],
-                size=size_words[size_pick[i] % len(size_words)],
-                where=phrases[phrase_pick[i] % len(phrases)],
-            ))
+            fix_articles(
+                templates[template_idx[i]].format(
+                    color=COLOR_NAMES[scenes.color[i]],
+                    shape=SHAPES[scenes.shape[i]],
+                    size=size_words[size_pick[i] % len(size_words)],
+                    where=phrases[phrase_pick[i] % len(phrases)],
+                )
+            )
         )
     return captions
 
@@ -263,8 +265,9 @@ def make_demo_clip_dataset(
             raise ValueError(f"num_{split} must be >= 1, got {count}")
         # Check every split before writing any, so a refusal leaves nothing half-replaced.
         if (out_dir / split / MANIFEST_NAME).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / split} already holds a complete dataset split; "
-                                  "pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{out_dir / split} already holds a complete dataset split; pass overwrite=True to replace it"
+            )
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = out_dir / TOKENIZER_NAME
     tmp = tmp_path_for(tokenizer_path)
@@ -281,4 +284,3 @@ def make_demo_clip_dataset(
             total=count,
         )
     return out_dir
-

@@ -37,8 +37,11 @@ def pydoc_topic_documents() -> list[tuple[str, str]]:
 
 def _docstrings(source: str) -> list[str]:
     tree = ast.parse(source)
-    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef,
-                                                          ast.AsyncFunctionDef)))
+    nodes = (
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+    )
     return [doc for node in nodes if (doc := ast.get_docstring(node))]
 
 
@@ -84,8 +87,9 @@ def make_demo_text_dataset(
     out_dir = Path(out_dir)
     for split in (TRAIN_SPLIT, HELDOUT_SPLIT):  # refuse before writing anything
         if (out_dir / split / MANIFEST_NAME).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / split} already holds a complete dataset split; "
-                                  "pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{out_dir / split} already holds a complete dataset split; pass overwrite=True to replace it"
+            )
     documents = stdlib_corpus(include_docstrings)
     corpus = write_corpus(documents, out_dir / CORPUS_FILE)
     # Same seeded choice as make_token_shards makes below, so the tokenizer never sees held-out text.
@@ -96,7 +100,12 @@ def make_demo_text_dataset(
         tokenizer, out_dir / TOKENIZER_DIR, bos_token=BPE_EOS, eos_token=BPE_EOS, pad_token=BPE_PAD
     )
     return make_token_shards(
-        [corpus], tokenizer_dir, out_dir, seq_len, samples_per_shard=samples_per_shard,
-        heldout_fraction=heldout_fraction, seed=seed, overwrite=overwrite,
+        [corpus],
+        tokenizer_dir,
+        out_dir,
+        seq_len,
+        samples_per_shard=samples_per_shard,
+        heldout_fraction=heldout_fraction,
+        seed=seed,
+        overwrite=overwrite,
     )
-

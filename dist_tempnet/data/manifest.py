@@ -165,8 +165,9 @@ def _fail(path: Path, key: str, expected: str, got: Any) -> ManifestError:
     return ManifestError(f"{path}: key {key!r}: expected {expected}, got {got!r}")
 
 
-def _require(obj: dict[str, Any], key: str, check: Callable[[Any], bool], expected: str, path: Path,
-             prefix: str = "") -> Any:
+def _require(
+    obj: dict[str, Any], key: str, check: Callable[[Any], bool], expected: str, path: Path, prefix: str = ""
+) -> Any:
     full_key = f"{prefix}{key}"
     if key not in obj:
         raise ManifestError(f"{path}: missing key {full_key!r} ({expected})")
@@ -245,8 +246,9 @@ def _validate_shards(shards: list[Any], id_range: list[int], num_samples: int, p
         count = _require(shard, "num_samples", lambda x: _is_int(x, 1), "an int >= 1", path, prefix)
         start, stop = _require(shard, "id_range", _is_range, "[start, stop]", path, prefix)
         if start != next_id or stop - start != count:
-            raise _fail(path, f"{prefix}id_range", f"[{next_id}, {next_id + count}] (contiguous ids)",
-                        [start, stop])
+            raise _fail(
+                path, f"{prefix}id_range", f"[{next_id}, {next_id + count}] (contiguous ids)", [start, stop]
+            )
         if "bytes" in shard:
             _require(shard, "bytes", lambda x: _is_int(x, 1), "an int >= 1", path, prefix)
         next_id = stop

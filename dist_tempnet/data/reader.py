@@ -42,12 +42,15 @@ def check_shards_on_disk(manifest: Manifest, allow_corrupt: bool) -> None:
             raise FileNotFoundError(f"shard {shard.path} listed in {manifest.path} does not exist")
         size = os.path.getsize(shard.path)
         if shard.num_bytes is not None and size != shard.num_bytes:
-            message = (f"{shard.url}: {size} bytes on disk, but {manifest.path} says {shard.num_bytes} "
-                       "(truncated or overwritten shard?)")
+            message = (
+                f"{shard.url}: {size} bytes on disk, but {manifest.path} says {shard.num_bytes} "
+                "(truncated or overwritten shard?)"
+            )
             if not allow_corrupt:
                 raise CorruptShardError(message)
-            warnings.warn(f"reading a suspicious shard anyway (allow_corrupt): {message}", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(
+                f"reading a suspicious shard anyway (allow_corrupt): {message}", RuntimeWarning, stacklevel=2
+            )
 
 
 def _describe(exc: BaseException) -> str:
@@ -110,8 +113,10 @@ def iter_raw_samples(shard: ShardInfo, kind: str, skips: SkipLog) -> Iterator[di
                 continue
             yield raw
     if skips.count == problems_before and seen != shard.num_samples:
-        skips.corrupt(f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
-                      "(truncated or replaced shard?)")
+        skips.corrupt(
+            f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
+            "(truncated or replaced shard?)"
+        )
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -172,7 +177,9 @@ class TokenDecoder:
             return None
         expected = (self.seq_len + 1,)
         if tokens.shape != expected or tokens.dtype.kind not in "iu":
-            skips.corrupt(f"{shard.url}: sample {raw['__key__']!r}: 'ids.npy' is {tokens.dtype} "
-                          f"{tokens.shape}, expected integer {expected}")
+            skips.corrupt(
+                f"{shard.url}: sample {raw['__key__']!r}: 'ids.npy' is {tokens.dtype} "
+                f"{tokens.shape}, expected integer {expected}"
+            )
             return None
         return TokenSample(tokens.astype(np.int64), int(raw["__key__"]))

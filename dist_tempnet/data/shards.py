@@ -210,8 +210,10 @@ def _unpack_image_text(sample: Any) -> tuple[Any, str, int | None]:
         return sample["image"], sample["caption"], sample.get("label")
     if isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
         return sample[0], sample[1], (sample[2] if len(sample) == 3 else None)
-    raise TypeError("each sample must be (image, caption), (image, caption, label) or a dict with "
-                    f"'image', 'caption' and optional 'label'; got {type(sample).__name__}")
+    raise TypeError(
+        "each sample must be (image, caption), (image, caption, label) or a dict with "
+        f"'image', 'caption' and optional 'label'; got {type(sample).__name__}"
+    )
 
 
 def write_image_text_shards(
@@ -232,8 +234,9 @@ def write_image_text_shards(
     square and of one size, else set to null (readers must then be given an image size).
     """
     sizes: set[tuple[int, int]] = set()
-    with ShardSetWriter(out_dir, split, "image_text", samples_per_shard, first_id=first_id,
-                        overwrite=overwrite) as writer:
+    with ShardSetWriter(
+        out_dir, split, "image_text", samples_per_shard, first_id=first_id, overwrite=overwrite
+    ) as writer:
         for sample in progress(samples, total, f"writing {split} shards"):
             image, caption, label = _unpack_image_text(sample)
             if not isinstance(caption, str):

@@ -131,8 +131,9 @@ def load_text_tokenizer(path_or_dir: str | Path) -> Any:
         tokenizer_file = path / "tokenizer.json" if path.is_dir() else path
         if not tokenizer_file.is_file():
             raise FileNotFoundError(f"{path} holds neither tokenizer_config.json nor tokenizer.json")
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file),
-                                            **_special_tokens_in(tokenizer_file))
+        tokenizer = PreTrainedTokenizerFast(
+            tokenizer_file=str(tokenizer_file), **_special_tokens_in(tokenizer_file)
+        )
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

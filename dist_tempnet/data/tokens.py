@@ -106,9 +106,9 @@ class SequencePacker:
         window = self.seq_len + 1
         starts = range(0, len(self.pending) - window + 1, self.seq_len)
         for start in starts:
-            yield self.pending[start:start + window].copy()
+            yield self.pending[start : start + window].copy()
         if len(starts):
-            self.pending = self.pending[starts[-1] + self.seq_len:]
+            self.pending = self.pending[starts[-1] + self.seq_len :]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -151,8 +151,15 @@ def _tokenizer_reference(tokenizer_dir: Path, split_dir: Path) -> str:
 
 
 def _write_split(
-    documents: list[DocumentRef], tokenizer: Any, tokenizer_dir: Path, out_dir: Path, split: str,
-    seq_len: int, samples_per_shard: int, overwrite: bool, extra_metadata: dict[str, Any],
+    documents: list[DocumentRef],
+    tokenizer: Any,
+    tokenizer_dir: Path,
+    out_dir: Path,
+    split: str,
+    seq_len: int,
+    samples_per_shard: int,
+    overwrite: bool,
+    extra_metadata: dict[str, Any],
 ) -> Path:
     vocab_size = len(tokenizer)
     eos_id = tokenizer.eos_token_id
@@ -218,10 +225,12 @@ def make_token_shards(
     splits[TRAIN_SPLIT] = [d for i, d in enumerate(documents) if i not in heldout]
     for split in splits:  # refuse before writing anything
         if (out_dir / split / MANIFEST_NAME).exists() and not overwrite:
-            raise FileExistsError(f"{out_dir / split} already holds a complete dataset split; "
-                                  "pass overwrite=True to replace it")
+            raise FileExistsError(
+                f"{out_dir / split} already holds a complete dataset split; pass overwrite=True to replace it"
+            )
     extra = {"heldout_fraction": heldout_fraction, "seed": seed}
     for split, docs in splits.items():
-        _write_split(docs, tokenizer, tokenizer_dir, out_dir, split, seq_len, samples_per_shard, overwrite,
-                     extra)
+        _write_split(
+            docs, tokenizer, tokenizer_dir, out_dir, split, seq_len, samples_per_shard, overwrite, extra
+        )
     return out_dir

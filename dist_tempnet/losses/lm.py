@@ -448,7 +448,14 @@ def tempnet_lm_loss(
     num_valid = (labels != ignore_index).sum()
     divisor = _loss_divisor(num_valid, loss_scale_count, acc)
     loss, ce_sum = _FusedTempNetLM.apply(
-        hidden, lm_head_weight, tau, labels, divisor, float(rho), int(chunk_size), ignore_index,
+        hidden,
+        lm_head_weight,
+        tau,
+        labels,
+        divisor,
+        float(rho),
+        int(chunk_size),
+        ignore_index,
         torch.is_grad_enabled(),  # under no_grad (eval) skip the gradient work; needs_input_grad can't tell
     )
     ce = ce_sum / num_valid.clamp_min(1)

@@ -1,11 +1,10 @@
 """The CLIP task: a transformers CLIPModel + one contrastive loss of the DRO family.
 
-Plugs into train.Trainer: module, parameter groups, batch stream, forward, evaluation, state.
+Plugs into the training loop through the `tasks.base.Task` contract.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,19 +13,17 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
-from dist_tempnet.data.pipeline import data_position, resume_data_position
-from dist_tempnet.engine import ParamGroup, default_param_groups
-from dist_tempnet.evaluate import (
+from dist_tempnet.dro_state import DROState
+from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
+from dist_tempnet.metrics import (
     class_text_embeddings,
     gather_rows,
     lockstep,
     retrieval_metrics,
     zero_shot_correct,
 )
-from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
-from dist_tempnet.tracking import log_tau_histogram
-from dist_tempnet.train import StepResult
+from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
 
 
 class CLIPTrainModule(nn.Module):
@@ -73,11 +70,11 @@ def _special_ids(tokenizer) -> dict[str, int]:
     return ids
 
 
-class CLIPTask:
+class CLIPTask(Task):
     unit = "samples"
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        super().__init__(cfg, rank, world, device)
         self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
         tok_path = cfg.data.tokenizer or self.train_manifest.tokenizer_path
         if not tok_path:
@@ -107,30 +104,19 @@ class CLIPTask:
             cfg.loss.name, num_samples=self.num_samples, **loss_kwargs(cfg, self.embed_dim)
         )
         self.module = CLIPTrainModule(clip, self.loss_fn)
-        self._stream = None
-        self._data_resume = None  # set by load_state: where the resumed data stream starts
         self._last_eval_tau: dict[str, torch.Tensor] = {}
 
-    # -- plumbing for train.Trainer -----------------------------------------------------------
+    # -- the task contract (tasks.base.Task) ----------------------------------------------------
 
     def param_groups(self) -> list[ParamGroup]:
         tempnet_params = [p for n, p in self.loss_fn.named_parameters() if "tempnet" in n and p.requires_grad]
         skip = {id(p) for p in tempnet_params}
         groups = default_param_groups(self.module, self.cfg.train.weight_decay, skip=skip)
-        if tempnet_params:
-            groups.append(
-                ParamGroup(
-                    "tempnet",
-                    tempnet_params,
-                    lr=self.cfg.loss.tempnet_lr,
-                    weight_decay=self.cfg.loss.tempnet_weight_decay,
-                )
-            )
-        return groups
+        return groups + self.tempnet_group(tempnet_params)
 
-    def batches(self):
+    def _open_stream(self, resume):
         d = self.cfg.data
-        self._stream = clip_batches(
+        return clip_batches(
             self.train_manifest,
             batch_size=self.cfg.train.micro_batch_size,
             rank=self.rank,
@@ -142,9 +128,8 @@ class CLIPTask:
             seed=self.cfg.run.seed,
             max_text_len=d.max_text_len,
             allow_corrupt=d.allow_corrupt,
-            resume=self._data_resume,
+            resume=resume,
         )
-        return self._stream
 
     def units(self, batch: dict[str, Any]) -> int:
         return int(batch["sample_ids"].shape[0])
@@ -173,25 +158,18 @@ class CLIPTask:
 
     def state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint: exact data position and DRO state shard."""
-        state: dict[str, Any] = {"data": data_position(self._stream)}
+        state = super().state()
         dro = getattr(self.loss_fn, "dro_state", None)
         if dro is not None:
             state["dro_state"] = dro.state_dict()
         return state
 
-    def load_state(self, rank_files: list[Path], old_world: int) -> None:
+    def load_state(self, states: list[dict[str, Any]], old_world: int) -> None:
         """Re-shard the DRO state and remap the data position from every old rank (any world size)."""
-        from dist_tempnet.checkpoint import read_task_states
-
-        states = read_task_states(rank_files)
-        self._data_resume = resume_data_position(
-            states, self.train_manifest, self.rank, self.world, self.cfg.data.num_workers
-        )
+        super().load_state(states, old_world)
         dro = getattr(self.loss_fn, "dro_state", None)
         if dro is None:
             return
-        from dist_tempnet.dro_state import DROState
-
         shards = [state["dro_state"] for state in states]
         self.loss_fn.dro_state = DROState.from_shard_states(shards, self.rank, self.world, device=dro.device)
 
@@ -268,9 +246,9 @@ class CLIPTask:
                 out[side] = tempnet(feats.to(dtype)).float().cpu()
         return out
 
-    def log_artifacts(self, tracker) -> None:
+    def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {f"{side} τ": tau for side, tau in self._last_eval_tau.items()}
-        log_tau_histogram(tracker, taus, "τ (TempNet, held-out split)", "samples")
+        return taus, "τ (TempNet, held-out split)", "samples"
 
 
 def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:

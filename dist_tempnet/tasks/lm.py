@@ -7,7 +7,6 @@ LLaMA2-Chat setting. loss.name=ce trains with plain (chunked) cross-entropy, the
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,14 +15,11 @@ from torch import nn
 from dist_tempnet import comm
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
-from dist_tempnet.data.pipeline import data_position, resume_data_position
-from dist_tempnet.engine import ParamGroup, default_param_groups
-from dist_tempnet.evaluate import lockstep, perplexity
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
+from dist_tempnet.metrics import lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
+from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
 from dist_tempnet.tempnet import LMTempNet
-from dist_tempnet.tracking import log_tau_histogram
-from dist_tempnet.train import StepResult
 
 
 def head_weight(lm: nn.Module) -> torch.Tensor:
@@ -127,11 +123,11 @@ def token_eval_sums(
     return sums
 
 
-class LMTask:
+class LMTask(Task):
     unit = "tokens"
 
     def __init__(self, cfg: Config, rank: int, world: int, device: torch.device) -> None:
-        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        super().__init__(cfg, rank, world, device)
         self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
         tok_path = cfg.data.tokenizer or cfg.model.pretrained or self.train_manifest.tokenizer_path
         self.tokenizer = load_text_tokenizer(tok_path) if tok_path else None
@@ -168,25 +164,16 @@ class LMTask:
                 dropout=lo.tempnet_dropout,
             )
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
-        self._stream = None
-        self._data_resume = None  # set by load_state: where the resumed data stream starts
         self.last_tau: torch.Tensor | None = None
 
-    # -- plumbing for train.Trainer ------------------------------------------------------------
+    # -- the task contract (tasks.base.Task) -----------------------------------------------------
 
     def param_groups(self) -> list[ParamGroup]:
         groups: list[ParamGroup] = []
         if not self.module.frozen_lm:
             groups += default_param_groups(self.module.lm, self.cfg.train.weight_decay)
         if self.module.tempnet is not None:
-            groups.append(
-                ParamGroup(
-                    "tempnet",
-                    list(self.module.tempnet.parameters()),
-                    lr=self.cfg.loss.tempnet_lr,
-                    weight_decay=self.cfg.loss.tempnet_weight_decay,
-                )
-            )
+            groups += self.tempnet_group(list(self.module.tempnet.parameters()))
         return groups
 
     def after_engine(self, engine) -> None:
@@ -201,9 +188,9 @@ class LMTask:
             register_external_parameter(module, module.tempnet.first.weight)
             register_external_parameter(module, module.tempnet.first.bias)
 
-    def batches(self):
+    def _open_stream(self, resume):
         d = self.cfg.data
-        self._stream = token_batches(
+        return token_batches(
             self.train_manifest,
             batch_size=self.cfg.train.micro_batch_size,
             rank=self.rank,
@@ -212,16 +199,12 @@ class LMTask:
             shuffle_buffer=d.shuffle_buffer,
             seed=self.cfg.run.seed,
             allow_corrupt=d.allow_corrupt,
-            resume=self._data_resume,
+            resume=resume,
         )
-        return self._stream
 
     def units(self, batch: dict[str, Any]) -> int:
         ids = batch["input_ids"]
         return int(ids.shape[0] * (ids.shape[1] - 1))
-
-    def before_step(self, step: int) -> dict[str, float]:
-        return {}
 
     def _split(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = batch["input_ids"]
@@ -246,19 +229,6 @@ class LMTask:
             )
             self.last_tau = t.detach().cpu()
         return StepResult(loss, metrics)
-
-    def state(self) -> dict[str, Any]:
-        """This rank's part of a checkpoint: the exact data position."""
-        return {"data": data_position(self._stream)}
-
-    def load_state(self, rank_files: list[Path], old_world: int) -> None:
-        """Remap the data position from every old rank (any world size)."""
-        from dist_tempnet.checkpoint import read_task_states
-
-        states = read_task_states(rank_files)
-        self._data_resume = resume_data_position(
-            states, self.train_manifest, self.rank, self.world, self.cfg.data.num_workers
-        )
 
     # -- evaluation ------------------------------------------------------------------------------
 
@@ -298,6 +268,6 @@ class LMTask:
             results["eval/ppl_tempnet"] = perplexity(float(sums[1]), int(sums[3]))
         return results
 
-    def log_artifacts(self, tracker) -> None:
-        if self.last_tau is not None:
-            log_tau_histogram(tracker, {"τ": self.last_tau}, "τ per token (last training batch)", "tokens")
+    def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
+        taus = {"τ": self.last_tau} if self.last_tau is not None else {}
+        return taus, "τ per token (last training batch)", "tokens"

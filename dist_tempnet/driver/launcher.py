@@ -1,8 +1,9 @@
 """The driver: prepare data, open the MLflow run, run the workers with Ray Train, summarize.
 
 Ray Train V2 (Ray 2.60): TorchTrainer starts `ray.num_workers` workers, sets up the torch process
-group (gloo on CPU, NCCL on GPU) and calls `dist_tempnet.train.train_worker` in each. Without an
-address a local Ray is started; with `ray.address` (or RAY_ADDRESS) it joins that cluster.
+group (gloo on CPU, NCCL on GPU) and calls `runtime.trainer.train_worker` with a `WorkerSpec` in
+each. Without an address a local Ray is started; with `ray.address` (or RAY_ADDRESS) it joins that
+cluster.
 
 Failures and resumes:
 - a worker that dies makes Ray Train restart the whole worker group (up to `ray.max_failures`
@@ -19,18 +20,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from dist_tempnet.config import Config
+from dist_tempnet.data.prepare import absolutize_paths, prepare_data
+from dist_tempnet.runtime.spec import WorkerSpec
 
-from dist_tempnet.config import Config, load_config
+logger = logging.getLogger(__name__)
 
-# Forwarded to the workers (names only: see checkpoint.FaultPlan and train.SeenIdsLog); written out
-# here so the driver does not import torch just for them.
+# Forwarded to the workers (names only: see runtime.faults); written out here so the driver does not
+# import torch just for them.
 TEST_HOOK_ENV = ("DIST_TEMPNET_FAULT", "DIST_TEMPNET_SEEN_IDS")
 
 
@@ -65,41 +66,6 @@ class RunSummary:
             out.append(f"checkpoint: {self.checkpoint}")
         out.append(f"wall time: {self.wall_time_s:.1f}s")
         return out
-
-
-def prepare_data(cfg: Config) -> None:
-    """Build the embedded demo dataset when asked for and missing (in the driver, once)."""
-    from dist_tempnet.data import make_demo_clip_dataset, make_demo_text_dataset
-
-    path = Path(cfg.data.path)
-    if (path / cfg.data.train_split / "dataset.json").is_file() or (path / "dataset.json").is_file():
-        return
-    if not cfg.data.demo:
-        raise FileNotFoundError(
-            f"data.path: '{path}' holds no dataset.json; build shards with `dist-tempnet make-shards` "
-            "or set data.demo=true for the embedded demo data"
-        )
-    print(f"[dist-tempnet] building demo {cfg.run.task} dataset in {path} ...", flush=True)
-    if cfg.run.task == "clip":
-        make_demo_clip_dataset(
-            path,
-            num_train=cfg.data.demo_num_train,
-            num_eval=cfg.data.demo_num_eval,
-            image_size=cfg.data.image_size,
-            seed=cfg.run.seed,
-        )
-    else:
-        make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
-
-
-def absolutize_paths(cfg: Config) -> None:
-    # Ray workers run in their own working directories: every path they read must be absolute.
-    cfg.data.path = str(Path(cfg.data.path).resolve())
-    if cfg.data.tokenizer:
-        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
-    if cfg.model.pretrained:
-        cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
 
 
 def _quiet_ray() -> None:
@@ -184,11 +150,11 @@ def _checkpoint_config(cfg: Config):
                             checkpoint_score_order=c.keep_best_mode)  # fmt: skip
 
 
-def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = ""):
+def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from dist_tempnet.train import train_worker
+    from dist_tempnet.runtime.trainer import train_worker
 
     use_gpu = _init_ray(cfg)
     storage = Path(cfg.run.output_dir) / "ray"
@@ -196,7 +162,7 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = "
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config=loop_config,
+        train_loop_config=spec.to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -211,18 +177,6 @@ def fit_with_ray(cfg: Config, loop_config: dict[str, Any], ray_run_name: str = "
         ),
     )
     return trainer.fit()
-
-
-def config_for_resume(checkpoint: Path, overrides: list[str] | None = None) -> Config:
-    """The checkpoint's resolved config with `overrides` applied (e.g. train.steps=2000, or
-    ray.num_workers=4 for an elastic resume), validated like any config."""
-    from dist_tempnet.checkpoint import read_meta
-
-    meta = read_meta(Path(checkpoint))
-    with tempfile.TemporaryDirectory(prefix="dist-tempnet-resume-") as tmp:
-        path = Path(tmp) / f"config of {Path(checkpoint).name}.yaml"
-        path.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
-        return load_config(path, overrides)
 
 
 def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
@@ -240,8 +194,8 @@ def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
 def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     """(uri, run_id, tracker) of the MLflow run a checkpoint belongs to, or None when it has none
     or it cannot be found (then a new run is created)."""
-    from dist_tempnet.checkpoint import read_meta
-    from dist_tempnet.tracking import Tracker, resolve_tracking_uri
+    from dist_tempnet.runtime.checkpoint import read_meta
+    from dist_tempnet.runtime.tracking import Tracker, resolve_tracking_uri
 
     meta = read_meta(checkpoint)
     run_id = meta.get("mlflow_run_id") or ""
@@ -258,11 +212,9 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
         tracker.client.get_run(run_id)
         tracker.client.update_run(run_id, status="RUNNING")
     except Exception as exc:  # noqa: BLE001 - e.g. the run lives in another tracking store
-        print(
-            f"[dist-tempnet] WARNING: cannot reopen MLflow run {run_id} of {checkpoint} in {uri} "
+        logger.warning(
+            f"cannot reopen MLflow run {run_id} of {checkpoint} in {uri} "
             f"({type(exc).__name__}); starting a new MLflow run",
-            file=sys.stderr,
-            flush=True,
         )
         return None
     tracker.set_tags({"resumed_from_checkpoint": str(checkpoint)})
@@ -273,14 +225,14 @@ def _open_tracking(cfg: Config, continuing: Path | None):
     """(tracking_uri, run_id, driver tracker) — the checkpoint's run when continuing one."""
     if not cfg.mlflow.enabled:
         return "", "", None
-    from dist_tempnet.tracking import Tracker, start_run
+    from dist_tempnet.runtime.tracking import Tracker, start_run
 
     reopened = _reopen_mlflow_run(cfg, continuing) if continuing else None
     if reopened:
-        print(f"[dist-tempnet] continuing MLflow run {reopened[1]} ({reopened[0]})", flush=True)
+        logger.info(f"continuing MLflow run {reopened[1]} ({reopened[0]})")
         return reopened
     uri, run_id = start_run(cfg, cfg.ray.num_workers)
-    print(f"[dist-tempnet] MLflow run {run_id} ({uri})", flush=True)
+    logger.info(f"MLflow run {run_id} ({uri})")
     return uri, run_id, Tracker(uri, run_id)
 
 
@@ -289,7 +241,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
 
     `resume_from`: a checkpoint directory to continue from (see `config_for_resume` for its config).
     """
-    from dist_tempnet.checkpoint import latest_checkpoint
+    from dist_tempnet.runtime.checkpoint import latest_checkpoint
 
     t0 = time.perf_counter()
     absolutize_paths(cfg)
@@ -302,30 +254,29 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
         # Ray Train resumes a run of the same name and storage from its latest checkpoint by itself.
         continuing = latest_checkpoint(storage / cfg.run.name)
         if continuing is not None:
-            print(
-                f"[dist-tempnet] Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
+            logger.info(
+                f"Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
                 f"{continuing} (choose another run.name for a fresh run)",
-                flush=True,
             )
     uri, run_id, tracker = _open_tracking(cfg, continuing)
-    loop_config: dict[str, Any] = {
-        "config": cfg.to_dict(),
-        "tracking_uri": uri,
-        "mlflow_run_id": run_id,
-        "resume_from": str(resume) if resume else "",
-    }
+    spec = WorkerSpec(
+        cfg.to_dict(),
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+        resume_from=str(resume) if resume else "",
+        under_ray=use_ray,
+    )
     try:
         if use_ray:
-            loop_config["ray"] = True
-            result = fit_with_ray(cfg, loop_config, ray_run_name(cfg, storage, resume is not None))
+            result = fit_with_ray(cfg, spec, ray_run_name(cfg, storage, resume is not None))
             if getattr(result, "error", None):
                 raise result.error
             metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
             checkpoint = result.checkpoint.path if result.checkpoint else ""
         else:
-            from dist_tempnet.train import train_worker
+            from dist_tempnet.runtime.trainer import train_worker
 
-            metrics = train_worker(loop_config)
+            metrics = train_worker(spec)
             checkpoint = ""
     except BaseException:
         if tracker:

@@ -10,16 +10,14 @@ meta.json) or to a new run linked to it by tag.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_tempnet.config import Config, ConfigError, config_from_dict
+from dist_tempnet.config import Config, config_from_dict
 
 EVAL_OF_TAG = "dist_tempnet.eval_of_run"
 
@@ -44,7 +42,7 @@ class EvalResult:
 
 
 def _is_complete(path: Path) -> bool:
-    from dist_tempnet.checkpoint import COMPLETE
+    from dist_tempnet.runtime.checkpoint import COMPLETE
 
     return (path / COMPLETE).is_file() and (path / "meta.json").is_file()
 
@@ -156,9 +154,9 @@ def _load_zero3_weights(module: Any, ds_dir: Path, tag: str) -> None:
 
 def build_and_load(cfg: Config, ckpt: Path, meta: dict[str, Any]):
     """(task, engine) for one process with the checkpoint's weights loaded."""
-    from dist_tempnet.engine import build_engine
+    from dist_tempnet.runtime.engine import build_engine
+    from dist_tempnet.runtime.trainer import init_distributed, seed_everything
     from dist_tempnet.tasks import build_task
-    from dist_tempnet.train import init_distributed, seed_everything
 
     device = init_distributed()
     seed_everything(cfg.run.seed)
@@ -198,7 +196,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
 ) -> EvalResult:
     """Evaluate one checkpoint in this process (world size 1); see the module docstring."""
-    from dist_tempnet.checkpoint import read_meta
+    from dist_tempnet.runtime.checkpoint import read_meta
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     meta = read_meta(ckpt)
@@ -295,7 +293,7 @@ def log_results(
     """Log to `run_id` (default: the training run) or to a new run linked by tag; returns the run id."""
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.tracking import Tracker
+    from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram
 
     client = MlflowClient(tracking_uri=tracking_uri)
     cfg = result.config
@@ -314,8 +312,8 @@ def log_results(
         }
     )
     if created:
-        if hasattr(result.task, "log_artifacts"):
-            result.task.log_artifacts(tracker)
+        if result.task is not None:
+            log_tau_histogram(tracker, *result.task.tau_samples())
         tracker.terminate("FINISHED")
     else:
         tracker.flush()
@@ -326,94 +324,3 @@ def log_results(
 
 # ---------------------------------------------------------------------------------------------
 # CLI
-
-
-def format_results(result: EvalResult) -> str:
-    width = max(len(k) for k in result.metrics)
-    lines = [f"checkpoint {result.checkpoint} (step {result.step})"]
-    lines += [f"  {k.ljust(width)}  {v:.4f}" for k, v in sorted(result.metrics.items())]
-    return "\n".join(lines)
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval",
-        help="evaluate a training checkpoint (zero-shot/retrieval or perplexity)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--checkpoint",
-        required=True,
-        type=Path,
-        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
-    )
-    p.add_argument(
-        "--data", default=None, help="dataset directory to evaluate on (default: the training data)"
-    )
-    p.add_argument("--split", default=None, help="eval split name (default: the config's data.eval_split)")
-    p.add_argument("--max-batches", type=int, default=None, help="0: the whole split (default: as trained)")
-    p.add_argument(
-        "--batch-size", type=int, default=None, help="eval batch size (default: train.micro_batch_size)"
-    )
-    p.add_argument("--json", type=Path, default=None, help="also write the metrics to this JSON file")
-    p.add_argument(
-        "--log-to-mlflow",
-        action="store_true",
-        help="log the metrics to the training run (or --run-id, or a --new-run linked by tag)",
-    )
-    p.add_argument(
-        "--run-id", default=None, help="MLflow run to log to (default: mlflow_run_id in meta.json)"
-    )
-    p.add_argument(
-        "--new-run", action="store_true", help=f"log to a new run tagged {EVAL_OF_TAG}=<training run>"
-    )
-    p.add_argument(
-        "--tracking-uri",
-        default="",
-        help="default: the training config's, else $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db",
-    )
-    p.set_defaults(fn=cmd_eval)
-
-
-def _tracking_uri(args: argparse.Namespace, ckpt: Path) -> str:
-    from dist_tempnet.checkpoint import read_meta
-    from dist_tempnet.tracking import resolve_tracking_uri
-
-    trained_with = read_meta(ckpt).get("config", {}).get("mlflow", {}).get("tracking_uri", "")
-    return resolve_tracking_uri(args.tracking_uri or trained_with)
-
-
-def _preflight_mlflow(args: argparse.Namespace) -> str:
-    """Check the MLflow target before spending minutes on evaluation."""
-    from dist_tempnet.checkpoint import read_meta
-
-    ckpt = resolve_checkpoint_dir(args.checkpoint)
-    uri = _tracking_uri(args, ckpt)
-    run_id = args.run_id or ("" if args.new_run else read_meta(ckpt).get("mlflow_run_id", ""))
-    if run_id and not args.new_run:
-        check_run_exists(uri, run_id)
-    return uri
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    try:
-        uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
-        result = evaluate_checkpoint(
-            args.checkpoint, args.data, args.split, args.max_batches, args.batch_size
-        )
-        print(format_results(result))
-        if args.json:
-            args.json.write_text(
-                json.dumps(
-                    {"checkpoint": str(result.checkpoint), "step": result.step, "metrics": result.metrics},
-                    indent=1,
-                )
-            )
-        if args.log_to_mlflow:
-            run_id = log_results(result, uri, args.run_id, args.new_run, args.data)
-            print(f"logged to MLflow run {run_id} ({uri})")
-    except (EvalError, ConfigError) as exc:
-        print(f"dist-tempnet eval: {exc}", file=sys.stderr)
-        return 2
-    return 0

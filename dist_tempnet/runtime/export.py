@@ -7,7 +7,6 @@ and the TempNet(s) as `tempnet.safetensors` + `tempnet_config.json`.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_tempnet.checkpoint import read_meta
 from dist_tempnet.config import config_from_dict
+from dist_tempnet.runtime.checkpoint import read_meta
 
 TEMPNET_WEIGHTS = "tempnet.safetensors"
 TEMPNET_CONFIG = "tempnet_config.json"
@@ -173,35 +172,3 @@ def _is_tied_alias(module: nn.Module, key: str) -> bool:
         and out_emb.weight is lm.get_input_embeddings().weight
         and key.endswith("lm_head.weight")
     )
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} → {out}")
-    if args.log_to_mlflow:
-        meta = read_meta(Path(args.checkpoint))
-        run_id = args.run_id or meta.get("mlflow_run_id", "")
-        if not run_id:
-            raise SystemExit("--log-to-mlflow: no run id in the checkpoint; pass --run-id")
-        from dist_tempnet.tracking import Tracker, resolve_tracking_uri
-
-        tracker = Tracker(resolve_tracking_uri(args.tracking_uri or ""), run_id)
-        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-        if size <= args.max_artifact_mb * 2**20:
-            tracker.log_artifact(out, "export")
-        tracker.set_tags({"export_uri": str(out.resolve()), "export_bytes": size})
-        print(f"logged export to MLflow run {run_id}")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="consolidate a checkpoint into a transformers model dir + TempNet")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (with meta.json)")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--log-to-mlflow", action="store_true")
-    p.add_argument("--run-id", default="")
-    p.add_argument("--tracking-uri", default="")
-    p.add_argument(
-        "--max-artifact-mb", type=float, default=200.0, help="larger exports are logged to MLflow by URI only"
-    )
-    p.set_defaults(fn=cmd_export)

@@ -8,40 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from dist_tempnet.config import Config
-
-
-@dataclass
-class ParamGroup:
-    """A named optimizer group; `lr`/`weight_decay` None mean the train.* defaults."""
-
-    name: str
-    params: list[nn.Parameter]
-    lr: float | None = None
-    weight_decay: float | None = None
-
-
-def default_param_groups(
-    model: nn.Module, weight_decay: float, skip: set[int] | None = None
-) -> list[ParamGroup]:
-    """Split trainable params into decayed (matrices) and non-decayed (biases, norms, scalars)."""
-    skip = skip or set()
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad or id(p) in skip:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [
-        ParamGroup("model", decay, weight_decay=weight_decay),
-        ParamGroup("model_no_decay", no_decay, weight_decay=0.0),
-    ]
-    return [g for g in groups if g.params]
+from dist_tempnet.tasks.base import ParamGroup
 
 
 def lr_lambda(cfg: Config):

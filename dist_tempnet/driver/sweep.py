@@ -12,7 +12,6 @@ the sweep prints the `compare` table with mean ± std over seeds, and logs it on
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import re
 import sys
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from dist_tempnet.compare import SWEEP_TAG
 from dist_tempnet.config import Config, ConfigError, load_config, parse_override
+from dist_tempnet.reporting.compare import SWEEP_TAG
 
 POINT_TAG = "dist_tempnet.sweep_point"
 
@@ -161,7 +160,7 @@ def _name_child(cfg: Config, sweep_name: str, point: GridPoint) -> None:
 
 def _start_parent(plan: SweepPlan, client) -> str:
     from dist_tempnet.config import dump_config
-    from dist_tempnet.tracking import git_commit
+    from dist_tempnet.runtime.tracking import git_commit
 
     cfg = plan.configs[0]
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -196,7 +195,7 @@ class PointResult:
 
 
 def run_point(cfg: Config, point: GridPoint, parent_id: str, total: int) -> PointResult:
-    from dist_tempnet.launcher import run_training
+    from dist_tempnet.driver.launcher import run_training
 
     cfg.mlflow.tags = {**cfg.mlflow.tags, "mlflow.parentRunId": parent_id, POINT_TAG: point.label}
     print(f"\n[dist-tempnet sweep] point {point.index + 1}/{total}: {point.label}", flush=True)
@@ -217,7 +216,7 @@ def run_point(cfg: Config, point: GridPoint, parent_id: str, total: int) -> Poin
 
 def _report(client, parent_id: str, out: Path | None) -> str:
     """The compare table of the sweep's children; also logged on the parent run."""
-    from dist_tempnet.compare import compare, select_runs
+    from dist_tempnet.reporting.compare import compare, select_runs
 
     runs = select_runs(client, run_ids=[parent_id])
     with tempfile.TemporaryDirectory(prefix="dist-tempnet-sweep-") as tmp:
@@ -249,7 +248,7 @@ def run_sweep(
     """Run every grid point in order; returns (parent run id, per-point results)."""
     from mlflow.tracking import MlflowClient
 
-    from dist_tempnet.tracking import resolve_tracking_uri
+    from dist_tempnet.runtime.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(plan.configs[0].mlflow.tracking_uri)
     for cfg in plan.configs:
@@ -283,51 +282,6 @@ def run_sweep(
         print("\n".join(summary_lines(results)) + "\n", flush=True)
         print(_report(client, parent_id, out), flush=True)
     return parent_id, results
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "sweep",
-        help="run a grid of configs sequentially under one MLflow parent run",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", "-c", default=None, help="YAML config (default: the embedded tiny CLIP job)")
-    p.add_argument(
-        "--grid",
-        "-g",
-        nargs="+",
-        required=True,
-        metavar="KEY=V1,V2",
-        help="dotted key with comma-separated values; several keys give their cartesian product",
-    )
-    p.add_argument(
-        "--set",
-        "-s",
-        dest="sets",
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="overrides applied to every grid point",
-    )
-    p.add_argument("--name", default="", help="sweep name (default: <run.name>-sweep-<timestamp>)")
-    p.add_argument(
-        "--out", "-o", type=Path, default=None, help="also write the comparison tables and plots here"
-    )
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failed grid point")
-    p.add_argument("--dry-run", action="store_true", help="validate and list the grid points, run nothing")
-    p.set_defaults(fn=cmd_sweep)
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    plan = plan_sweep(args.config, args.grid, args.sets, args.name)  # ConfigError → exit 2 in cli.main
-    if args.dry_run:
-        for point, cfg in zip(plan.points, plan.configs):
-            print(f"{point.index:3d}  {point.label}  (run.name={cfg.run.name})")
-        return 0
-    _, results = run_sweep(plan, fail_fast=args.fail_fast, out=args.out)
-    failed = [r for r in results if r.error]
-    return 1 if failed or len(results) < len(plan.points) else 0
 
 
 def summary_lines(results: Sequence[PointResult]) -> list[str]:

@@ -1,0 +1,73 @@
+"""Finding what `dist-tempnet train --resume SPEC` continues from: a checkpoint directory, a run
+directory (its latest complete checkpoint) or an MLflow run id (its `checkpoint_uri` tag)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dist_tempnet.config import Config, load_config
+from dist_tempnet.runtime.checkpoint import COMPLETE, META, latest_checkpoint, missing_parts, read_meta
+
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_in_dir(path: Path) -> Path:
+    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
+    if (path / META).is_file() or (path / COMPLETE).is_file():
+        problems = missing_parts(path)
+        if problems:
+            raise FileNotFoundError(f"checkpoint '{path}' is incomplete: {', '.join(problems[:5])}")
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = latest_checkpoint(root)
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"'{path}' is neither a checkpoint (meta.json + COMPLETE) nor a run directory holding complete "
+        "step_* checkpoints (a Ray run dir <output_dir>/ray/<name>, or <output_dir>/<name>/checkpoints)"
+    )
+
+
+def resolve_resume(spec: str, tracking_uri: str = "") -> Path:
+    """`--resume` argument → checkpoint directory: a checkpoint dir, a run dir (its latest complete
+    checkpoint), or an MLflow run id whose `checkpoint_uri` tag points at one of those."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _checkpoint_in_dir(path.resolve())
+    from dist_tempnet.runtime.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    try:
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(tracking_uri=uri).get_run(spec)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types
+        raise FileNotFoundError(
+            f"--resume {spec!r}: no such checkpoint or run directory, and not an MLflow run id in {uri} "
+            f"({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+    target = run.data.tags.get("checkpoint_uri", "")
+    if not target:
+        raise FileNotFoundError(
+            f"--resume {spec!r}: the MLflow run has no 'checkpoint_uri' tag (never saved)"
+        )
+    target_path = Path(target.removeprefix("file://"))
+    if not target_path.exists():
+        raise FileNotFoundError(f"--resume {spec!r}: its checkpoint_uri {target} does not exist here")
+    resolved = _checkpoint_in_dir(target_path)
+    logger.warning(f"MLflow run {spec} → checkpoint {resolved}")
+    return resolved
+
+
+def config_for_resume(checkpoint: Path, overrides: list[str] | None = None) -> Config:
+    """The checkpoint's resolved config with `overrides` applied (e.g. train.steps=2000, or
+    ray.num_workers=4 for an elastic resume), validated like any config."""
+    meta = read_meta(Path(checkpoint))
+    with tempfile.TemporaryDirectory(prefix="dist-tempnet-resume-") as tmp:
+        path = Path(tmp) / f"config of {Path(checkpoint).name}.yaml"
+        path.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
+        return load_config(path, overrides)

@@ -1,0 +1,43 @@
+"""Checkpoints: DeepSpeed engine state + one file per rank (task state, RNG) + metadata.
+
+`layout` (what a checkpoint holds, writing, completeness), `restore` (loading at any world size),
+`sinks` (local directory or Ray Train storage).
+"""
+
+from dist_tempnet.runtime.checkpoint.layout import (
+    COMPLETE,
+    META,
+    checkpoint_bytes,
+    complete_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    missing_parts,
+    read_meta,
+    retained_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_rank_files,
+)
+from dist_tempnet.runtime.checkpoint.restore import load_into, read_task_states
+from dist_tempnet.runtime.checkpoint.sinks import CheckpointSink, LocalSink, RaySink, make_sink
+
+__all__ = [
+    "COMPLETE",
+    "META",
+    "CheckpointSink",
+    "LocalSink",
+    "RaySink",
+    "checkpoint_bytes",
+    "complete_checkpoints",
+    "is_complete",
+    "latest_checkpoint",
+    "load_into",
+    "make_sink",
+    "missing_parts",
+    "read_meta",
+    "read_task_states",
+    "retained_checkpoints",
+    "rng_state",
+    "set_rng_state",
+    "write_rank_files",
+]
