@@ -248,7 +248,7 @@ def test_eval_real_checkpoint_matches_training_and_logs(tmp_path):
         capture_output=True,
     )
     done = subprocess.run(
-        [sys.executable, "-m", "dist_tempnet.runtime.trainer", *overrides],
+        [sys.executable, "-m", "dist_tempnet.train", *overrides],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 COMPARISON_TAG = "dist_tempnet.comparison"
-SWEEP_TAG = "dist_tempnet.driver.sweep"
+SWEEP_TAG = "dist_tempnet.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 MISSING = "-"
 
