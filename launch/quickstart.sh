@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Fresh machine -> running job. Sets up .venv (torch 2.13.0 CPU wheel when the venv has no torch,
-# then this project with its dev extras) and runs one thing:
+# Fresh machine -> running job. Sets up .venv (torch 2.13.0 when the venv has no torch, then this
+# project with its dev extras) and runs one thing:
 #   launch/quickstart.sh train [overrides...]   the main job (embedded default: tiny CLIP, 2 Ray
 #                                               workers, DeepSpeed ZeRO-2, MLflow in ./mlflow.db)
 #   launch/quickstart.sh test [pytest args...]  the test suite (what CI runs)
@@ -19,9 +19,11 @@ py="$venv/bin/python"
 quiet_pip() {
   "$py" -m pip "$@" > "$venv/pip.log" 2>&1 || { tail -n 40 "$venv/pip.log" >&2; echo "pip $* failed (log: $venv/pip.log)" >&2; exit 1; }
 }
+# On PyPI, torch==2.13.0 for Linux is the CUDA build (several GB). TORCH_INDEX_URL picks another
+# wheel index, e.g. https://download.pytorch.org/whl/cpu for the CPU build on a machine without GPUs.
 if ! "$py" -c "import torch" 2>/dev/null; then
-  echo "[quickstart] installing torch 2.13.0 (CPU) into $venv ..."
-  quiet_pip install -q torch==2.13.0
+  echo "[quickstart] installing torch 2.13.0 into $venv${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL} ..."
+  quiet_pip install -q torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 fi
 # Re-install only when pyproject.toml changed since the last install.
 stamp="$venv/.dist_tempnet-installed"
