@@ -32,7 +32,9 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config of a run; `load_universal` for an engine that will load a universal
+    checkpoint (a resume on another number of workers, see runtime.checkpoint.restore)."""
     t, ds = cfg.train, cfg.deepspeed
     grad_accum = t.global_batch_size // (world_size * t.micro_batch_size)
     if grad_accum * world_size * t.micro_batch_size != t.global_batch_size:
@@ -43,9 +45,6 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=True)
-    if ds.zero_stage in (1, 2):
-        # Same bytes on disk, but the optimizer state can be re-partitioned for another world size.
-        zero["elastic_checkpoint"] = True
     if ds.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
     if ds.offload_optimizer and ds.zero_stage >= 1:
@@ -62,6 +61,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        conf["checkpoint"] = {"load_universal": True}
     conf.update(ds.extra)
     return conf
 
@@ -81,7 +82,7 @@ def build_optimizer(groups: list[ParamGroup], cfg: Config) -> torch.optim.Optimi
     return torch.optim.AdamW(torch_groups, betas=tuple(cfg.train.betas), fused=fused or None)
 
 
-def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config):
+def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config, load_universal: bool = False):
     """Wrap `model` in a DeepSpeed engine; torch.distributed must already be initialized."""
     import deepspeed
 
@@ -93,7 +94,7 @@ def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config):
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, world),
+        config=deepspeed_config(cfg, world, load_universal),
         dist_init_required=False,
     )
     return engine

@@ -12,6 +12,7 @@ how it runs on a machine without Ray: `python -m dist_tempnet.train --config ...
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ import torch.distributed as dist
 from dist_tempnet import comm
 from dist_tempnet.config import Config, config_from_dict
 from dist_tempnet.runtime.checkpoint import CheckpointSink, checkpoint_bytes, make_sink
+from dist_tempnet.runtime.checkpoint.restore import checked_meta, load_into, needs_universal, universal_copy
 from dist_tempnet.runtime.engine import build_engine, group_lrs
 from dist_tempnet.runtime.faults import FaultPlan, SeenIdsLog
 from dist_tempnet.runtime.logs import configure_logging
@@ -119,8 +121,6 @@ class Trainer:
         self.rank, self.world = comm.rank(), comm.world_size()
         seed_everything(cfg.run.seed)
         self.task = build_task(cfg, self.rank, self.world, self.device)
-        self.engine = build_engine(self.task.module, self.task.param_groups(), cfg)
-        self.task.after_engine(self.engine)
         self.sink = sink
         self.fault = FaultPlan.from_env()
         self.tracking_uri = spec.tracking_uri
@@ -132,7 +132,20 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        self._resume()
+        # The checkpoint to continue from decides how the engine is built (universal loading after
+        # a change of world size), so it is found first and stays readable until it is loaded.
+        with sink.resume_point() as point:
+            meta = checked_meta(point.directory) if point else None
+            universal = meta is not None and needs_universal(meta, self.world)
+            self.engine = build_engine(
+                self.task.module, self.task.param_groups(), cfg, load_universal=universal
+            )
+            self.task.after_engine(self.engine)
+            if point is not None:
+                source = universal_copy(point.directory, meta) if universal else contextlib.nullcontext()
+                with source as root:
+                    loaded = load_into(point.directory, meta, self.engine, self.task, root)
+                self._resumed(loaded | {"resume_kind": point.kind})
         self.batches = self.task.batches()
         self.seen_log = SeenIdsLog.from_env(self.rank, self.world, self.device)
         if self.seen_log and self.resumed_step is not None:
@@ -147,10 +160,7 @@ class Trainer:
             logger.warning(f"MLflow disabled on rank 0: {exc}")
             return Tracker.disabled()
 
-    def _resume(self) -> None:
-        meta = self.sink.load_latest(self.engine, self.task)
-        if meta is None:
-            return
+    def _resumed(self, meta: dict[str, Any]) -> None:
         self.step = self.resumed_step = int(meta["step"])
         self.resumed_from = meta["path"]
         self.resumed_at = time.time()

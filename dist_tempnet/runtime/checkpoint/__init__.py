@@ -18,7 +18,15 @@ from dist_tempnet.runtime.checkpoint.layout import (
     set_rng_state,
     write_rank_files,
 )
-from dist_tempnet.runtime.checkpoint.restore import load_into, read_task_states
+from dist_tempnet.runtime.checkpoint.restore import (
+    ResumePoint,
+    align_optimizer_state,
+    checked_meta,
+    load_into,
+    needs_universal,
+    read_task_states,
+    universal_copy,
+)
 from dist_tempnet.runtime.checkpoint.sinks import CheckpointSink, LocalSink, RaySink, make_sink
 
 __all__ = [
@@ -27,6 +35,11 @@ __all__ = [
     "CheckpointSink",
     "LocalSink",
     "RaySink",
+    "ResumePoint",
+    "align_optimizer_state",
+    "checked_meta",
+    "needs_universal",
+    "universal_copy",
     "checkpoint_bytes",
     "complete_checkpoints",
     "is_complete",

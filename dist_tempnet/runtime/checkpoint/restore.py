@@ -1,19 +1,60 @@
 """Loading a checkpoint into a running engine and task, at the same or another world size.
 
-ZeRO-1/2 optimizer state is saved in DeepSpeed's "elastic" layout (runtime.engine turns it on), which
-is re-partitioned here when a run resumes on another number of workers; the task re-shards its DRO
-state and remaps its data position.
+Same world size: DeepSpeed's own `load_checkpoint` (module, optimizer partitions, scheduler,
+counters). Another world size, at ZeRO stage 1, 2 or 3: the engine state is first converted into
+DeepSpeed's *universal* checkpoint format (`deepspeed.checkpoint.ds_to_universal`: one file per
+parameter and optimizer-state key, independent of the partitioning), and the engine, built with
+`checkpoint.load_universal`, re-partitions it on load. The conversion happens once per node, in a
+temporary directory, and never touches the checkpoint itself. The task re-shards its DRO state and
+remaps its data position from every old rank's file; RNG states are per rank and are restored only
+at the same world size.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dist_tempnet import comm
 from dist_tempnet.runtime.checkpoint.layout import missing_parts, read_meta, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResumePoint:
+    """A complete checkpoint directory to continue from, and why: `restart` (the run's own latest
+    checkpoint, e.g. after Ray restarted the workers) or `manual` (`train --resume`)."""
+
+    directory: Path
+    kind: str
+
+
+def checked_meta(directory: Path) -> dict[str, Any]:
+    """meta.json of a checkpoint that is complete; otherwise a clear error naming what is missing."""
+    problems = missing_parts(directory)
+    if problems:
+        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete: {', '.join(problems[:5])}")
+    return read_meta(directory)
+
+
+def needs_universal(meta: dict[str, Any], world: int) -> bool:
+    """ZeRO partitions depend on the world size: another one needs the universal format."""
+    stage = int(meta["config"]["deepspeed"]["zero_stage"])
+    return stage >= 1 and int(meta["world_size"]) != world
 
 
 def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
@@ -22,94 +63,117 @@ def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
     return [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["task"] for p in rank_files]
 
 
-def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
-    old_world, world = int(meta["world_size"]), comm.world_size()
-    stage = int(meta["config"]["deepspeed"]["zero_stage"])
-    if old_world != world and stage == 3:
-        raise RuntimeError(
-            f"checkpoint '{directory}' was saved by {old_world} ZeRO-3 workers and this run has {world}: "
-            "DeepSpeed 0.19.8 cannot re-partition ZeRO-3 state on load. Resume with "
-            f"ray.num_workers={old_world}, or convert the checkpoint with DeepSpeed's ds_to_universal."
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", comm.rank()))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _convert_to_universal(tag_dir: Path, out: Path) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(
+        input_folder=str(tag_dir),
+        output_folder=str(out),
+        # One process: the converter's pools would fork inside a training worker.
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        # torch's AdamW creates its state lazily; the converter then finds no `step` to copy.
+        inject_missing_state=True,
+    )
+    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - closed with the process
+        ds_to_universal(args)
+
+
+@contextlib.contextmanager
+def universal_copy(directory: Path, meta: dict[str, Any]) -> Iterator[Path]:
+    """A universal-format copy of the checkpoint's engine state, as `<root>/<tag>`; yields `<root>`.
+
+    Local rank 0 of every node converts into a node-local temporary directory whose name every rank
+    derives from the checkpoint's identity (ranks may see the checkpoint under different local
+    paths when Ray downloads it); the others wait. Removed again once every rank has loaded.
+    """
+    identity = json.dumps([meta["tag"], meta.get("saved_unix"), meta["config"]["run"]["name"]])
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:16]
+    root = Path(tempfile.gettempdir()) / f"dist-tempnet-universal-{digest}"
+    if _local_rank() == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        logger.info(
+            "converting %s (saved by %s workers) to DeepSpeed's universal format for %s workers",
+            directory,
+            meta["world_size"],
+            comm.world_size(),
         )
-    zero_1_2 = stage in (1, 2)
-    # DeepSpeed 0.19.8's engine refuses ZeRO optimizer state saved at another data-parallel size and
-    # its elastic-layout loader asserts a param-group "step" that torch's AdamW does not keep. So for
-    # ZeRO-1/2 the engine loads module, scheduler and counters, and `_load_zero_1_2_state` the
-    # optimizer state (re-partitioned with DeepSpeed's own routines; exact at any world size).
+        _convert_to_universal(directory / "deepspeed" / meta["tag"], root / meta["tag"])
+    _barrier()
+    try:
+        yield root
+    finally:
+        _barrier()
+        if _local_rank() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def align_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Every optimizer state tensor on its parameter's device, as torch's own `load_state_dict` does.
+
+    A restore that builds state by hand (DeepSpeed's universal loader sets `step` from a CPU file)
+    can leave tensors on the CPU; torch's fused/capturable AdamW on CUDA then refuses to step. `step`
+    follows torch's rule: on the parameter's device only for fused or capturable groups.
+    """
+    for group in optimizer.param_groups:
+        step_on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state:
+                continue
+            for key, value in state.items():
+                if not torch.is_tensor(value):
+                    continue
+                if key == "step" and not step_on_device:
+                    continue
+                if value.device != param.device:
+                    state[key] = value.to(param.device)
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's ZeRO wrapper (or the engine's own, at stage 0)."""
+    opt = engine.optimizer
+    return getattr(opt, "optimizer", None) or opt
+
+
+def _load_engine(directory: Path, meta: dict[str, Any], engine, universal_root: Path | None) -> None:
+    source = universal_root if universal_root is not None else directory / "deepspeed"
     load_path, _ = engine.load_checkpoint(
-        str(directory / "deepspeed"),
-        tag=meta["tag"],
-        load_optimizer_states=not zero_1_2,
-        load_lr_scheduler_states=True,
+        str(source), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise FileNotFoundError(
-            f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
+            f"checkpoint '{directory}': DeepSpeed found no state under {source}/{meta['tag']}"
         )
-    if zero_1_2:
-        _load_zero_1_2_state(engine, directory / "deepspeed" / meta["tag"], old_world)
+    if engine.optimizer is not None:
+        align_optimizer_state(base_optimizer(engine))
 
 
-def _load_zero_1_2_state(engine, tag_dir: Path, old_world: int) -> None:
-    """Load ZeRO-1/2 fp32 master weights and Adam moments saved by `old_world` ranks into this
-    run's partitions (pinned DeepSpeed 0.19.8 internals)."""
-    names = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(old_world)]
-    states = [torch.load(n, map_location="cpu", weights_only=False)["optimizer_state_dict"] for n in names]
-    optimizer = engine.optimizer
-    if isinstance(states[0]["base_optimizer_state"], dict):  # saved without the elastic layout
-        if old_world != comm.world_size():
-            raise RuntimeError(
-                f"{tag_dir}: optimizer state was saved without DeepSpeed's elastic_checkpoint layout, so "
-                f"it cannot be re-partitioned; resume with ray.num_workers={old_world}"
-            )
-        optimizer.load_state_dict(states, load_optimizer_states=True, load_from_fp32_weights=True)
-        return
-    optimizer._load_global_state(states[0])
-    _restore_adam_partitions(optimizer, states)
-    optimizer._restore_from_elastic_fp32_weights(states)
-    optimizer._link_all_hp_params()
-    # The base optimizer's param groups (with their current lr) were not loaded: take the lr the
-    # restored scheduler computed last, or the first step after a resume would use the initial one.
-    if engine.lr_scheduler is not None:
-        for group, lr in zip(optimizer.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
-            group["lr"] = lr
+def load_into(
+    directory: Path, meta: dict[str, Any], engine, task, universal_root: Path | None = None
+) -> dict[str, Any]:
+    """Load a complete checkpoint into the engine and the task (all ranks); returns its meta + path.
 
-
-def _restore_adam_partitions(optimizer, states: list[dict[str, Any]]) -> None:
-    # DeepSpeed's _restore_elastic_base_optimizer_state does this too, but asserts a param-group
-    # "step" that torch's Adam keeps per parameter state instead.
-    for i, group in enumerate(optimizer.optimizer.param_groups):
-        flat = group["params"][0]
-        saved = [sd["base_optimizer_state"][i] for sd in states]
-        for key in saved[0]:
-            values = [s[key] for s in saved]
-            per_rank = all(
-                torch.is_tensor(v) and v.shape == sd["single_partition_of_fp32_groups"][i].shape
-                for v, sd in zip(values, states)
-            )
-            value = optimizer._partition_base_optimizer_state(key, values, i, is_partition_state=per_rank)
-            if torch.is_tensor(value):
-                value = value.detach().clone().to(flat.device if per_rank else value.device)
-            optimizer.optimizer.state[flat][key] = value
-
-
-def load_into(directory: Path, engine, task) -> dict[str, Any]:
-    """Load a complete checkpoint directory into the engine and the task (all ranks).
-
-    With another world size than the checkpoint's, DeepSpeed re-partitions the (elastic) ZeRO-1/2
-    optimizer state, the task re-shards its DRO state and remaps its data position; RNG states are
-    restored only for the same world size (they are per rank).
+    `universal_root`: the `universal_copy` of the checkpoint, when the world size changed (the
+    engine must then have been built with `checkpoint.load_universal`).
     """
     directory = Path(directory)
-    problems = missing_parts(directory)
-    if problems:
-        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete: {', '.join(problems[:5])}")
-    meta = read_meta(directory)
-    _load_engine(directory, meta, engine)
+    _load_engine(directory, meta, engine, universal_root)
     old_world = int(meta["world_size"])
     rank_files = [directory / f"rank_{r}.pt" for r in range(old_world)]
     task.load_state(read_task_states(rank_files), old_world)
-    own = directory / f"rank_{comm.rank()}.pt"
     if old_world == comm.world_size():
+        own = directory / f"rank_{comm.rank()}.pt"
         set_rng_state(torch.load(own, weights_only=False)["rng"])
     return meta | {"path": str(directory)}

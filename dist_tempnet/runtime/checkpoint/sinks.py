@@ -9,10 +9,13 @@ written under a temporary name and renamed once complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from dist_tempnet.runtime.checkpoint.layout import (
     retained_checkpoints,
     write_rank_files,
 )
-from dist_tempnet.runtime.checkpoint.restore import load_into
+from dist_tempnet.runtime.checkpoint.restore import ResumePoint
 from dist_tempnet.runtime.faults import FaultPlan
 from dist_tempnet.runtime.spec import WorkerSpec
 
@@ -52,13 +55,12 @@ class CheckpointSink:
     ) -> str:
         raise NotImplementedError
 
-    def load_latest(self, engine, task) -> dict[str, Any] | None:
+    def resume_point(self) -> AbstractContextManager[ResumePoint | None]:
+        """The checkpoint a (re)started run continues from, readable while the context is open."""
         raise NotImplementedError
 
-    def _load_explicit(self, engine, task) -> dict[str, Any] | None:
-        if self.resume_from is None:
-            return None
-        return load_into(self.resume_from, engine, task) | {"resume_kind": "manual"}
+    def _explicit(self) -> ResumePoint | None:
+        return ResumePoint(self.resume_from, "manual") if self.resume_from is not None else None
 
 
 class LocalSink(CheckpointSink):
@@ -108,12 +110,14 @@ class LocalSink(CheckpointSink):
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
 
-    def load_latest(self, engine, task) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def resume_point(self) -> Iterator[ResumePoint | None]:
         # Without Ray nothing restarts a run by itself: an explicit resume wins over the run's own.
         if self.resume_from is not None:
-            return self._load_explicit(engine, task)
+            yield self._explicit()
+            return
         found = self.complete_checkpoints()
-        return load_into(found[-1], engine, task) | {"resume_kind": "restart"} if found else None
+        yield ResumePoint(found[-1], "restart") if found else None
 
 
 class RaySink(CheckpointSink):
@@ -146,16 +150,18 @@ class RaySink(CheckpointSink):
         storage = ray.train.get_context().get_storage()
         return str(storage.build_checkpoint_path_from_name(f"step_{step:08d}"))
 
-    def load_latest(self, engine, task) -> dict[str, Any] | None:
+    @contextlib.contextmanager
+    def resume_point(self) -> Iterator[ResumePoint | None]:
         import ray.train
 
         # A fresh Ray run (launcher gives manual resumes a new Ray run name) has no checkpoint of
         # its own until its first report, so a non-None one means a restart after a failure.
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
-            return self._load_explicit(engine, task)
+            yield self._explicit()
+            return
         with checkpoint.as_directory() as d:
-            return load_into(Path(d), engine, task) | {"resume_kind": "restart"}
+            yield ResumePoint(Path(d), "restart")
 
 
 def _wait_until_collected() -> None:
