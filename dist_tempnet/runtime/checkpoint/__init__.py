@@ -11,11 +11,14 @@ from dist_tempnet.runtime.checkpoint.layout import (
     complete_checkpoints,
     is_complete,
     latest_checkpoint,
+    load_trusted,
     missing_parts,
     read_meta,
     retained_checkpoints,
     rng_state,
     set_rng_state,
+    verify_checkpoint,
+    weights_only_loads,
     write_rank_files,
 )
 from dist_tempnet.runtime.checkpoint.restore import load_into, read_task_states
@@ -32,6 +35,7 @@ __all__ = [
     "is_complete",
     "latest_checkpoint",
     "load_into",
+    "load_trusted",
     "make_sink",
     "missing_parts",
     "read_meta",
@@ -39,5 +43,7 @@ __all__ = [
     "retained_checkpoints",
     "rng_state",
     "set_rng_state",
+    "verify_checkpoint",
+    "weights_only_loads",
     "write_rank_files",
 ]

@@ -13,13 +13,19 @@ from typing import Any
 import torch
 
 from dist_tempnet import comm
-from dist_tempnet.runtime.checkpoint.layout import missing_parts, read_meta, set_rng_state
+from dist_tempnet.runtime.checkpoint.layout import (
+    load_trusted,
+    read_meta,
+    set_rng_state,
+    verify_checkpoint,
+    weights_only_loads,
+)
 
 
 def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
     """The `task` part of every old rank's file, in rank order (memory-mapped: every new rank reads
     all old shards but keeps only the rows it owns)."""
-    return [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["task"] for p in rank_files]
+    return [load_trusted(p, mmap=True)["task"] for p in rank_files]
 
 
 def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
@@ -36,12 +42,13 @@ def _load_engine(directory: Path, meta: dict[str, Any], engine) -> None:
     # its elastic-layout loader asserts a param-group "step" that torch's AdamW does not keep. So for
     # ZeRO-1/2 the engine loads module, scheduler and counters, and `_load_zero_1_2_state` the
     # optimizer state (re-partitioned with DeepSpeed's own routines; exact at any world size).
-    load_path, _ = engine.load_checkpoint(
-        str(directory / "deepspeed"),
-        tag=meta["tag"],
-        load_optimizer_states=not zero_1_2,
-        load_lr_scheduler_states=True,
-    )
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(
+            str(directory / "deepspeed"),
+            tag=meta["tag"],
+            load_optimizer_states=not zero_1_2,
+            load_lr_scheduler_states=True,
+        )
     if load_path is None:
         raise FileNotFoundError(
             f"checkpoint '{directory}': DeepSpeed found no state under deepspeed/{meta['tag']}"
@@ -54,7 +61,7 @@ def _load_zero_1_2_state(engine, tag_dir: Path, old_world: int) -> None:
     """Load ZeRO-1/2 fp32 master weights and Adam moments saved by `old_world` ranks into this
     run's partitions (pinned DeepSpeed 0.19.8 internals)."""
     names = [tag_dir / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(old_world)]
-    states = [torch.load(n, map_location="cpu", weights_only=False)["optimizer_state_dict"] for n in names]
+    states = [load_trusted(n)["optimizer_state_dict"] for n in names]
     optimizer = engine.optimizer
     if isinstance(states[0]["base_optimizer_state"], dict):  # saved without the elastic layout
         if old_world != comm.world_size():
@@ -101,9 +108,7 @@ def load_into(directory: Path, engine, task) -> dict[str, Any]:
     restored only for the same world size (they are per rank).
     """
     directory = Path(directory)
-    problems = missing_parts(directory)
-    if problems:
-        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete: {', '.join(problems[:5])}")
+    verify_checkpoint(directory)  # complete, and every file's SHA-256 as saved: before any load
     meta = read_meta(directory)
     _load_engine(directory, meta, engine)
     old_world = int(meta["world_size"])
@@ -111,5 +116,5 @@ def load_into(directory: Path, engine, task) -> dict[str, Any]:
     task.load_state(read_task_states(rank_files), old_world)
     own = directory / f"rank_{comm.rank()}.pt"
     if old_world == comm.world_size():
-        set_rng_state(torch.load(own, weights_only=False)["rng"])
+        set_rng_state(load_trusted(own)["rng"])
     return meta | {"path": str(directory)}
