@@ -54,9 +54,10 @@ class _Engine:
         (Path(directory) / "latest").write_text(tag)
 
 
-def _checkpoint(root: Path, mlflow_run_id: str = "", tracking_uri: str = "") -> Path:
+def _checkpoint(root: Path, mlflow_run_id: str = "", tracking_uri: str = "", data: str = "") -> Path:
     cfg = Config()
     cfg.ray.num_workers = 1
+    cfg.data.path = data or cfg.data.path
     cfg.mlflow.tracking_uri = tracking_uri
     extra = {"mlflow_run_id": mlflow_run_id, "tracking_uri": tracking_uri}
     return Path(LocalSink(root, keep_last=2).save(_Engine(), 2, {"data": None}, cfg.to_dict(), {}, extra))
@@ -132,7 +133,10 @@ def test_pickle_payload_is_refused_by_resume_eval_export_and_loads(tmp_path, cap
         load_trusted(ckpt / "rank_0.pt")
     monkeypatch.undo()
 
-    ckpt = _checkpoint(tmp_path / "run2")
+    from dist_tempnet.data import make_demo_clip_dataset
+
+    data = make_demo_clip_dataset(tmp_path / "demo", num_train=32, num_eval=32, samples_per_shard=32, seed=0)
+    ckpt = _checkpoint(tmp_path / "run2", data=str(data))
     _plant_payload(ckpt, MODEL, marker)
     assert main(["eval", "--checkpoint", str(ckpt)]) == 2
     assert f"refused to load '{ckpt / MODEL}'" in capsys.readouterr().err

@@ -162,7 +162,7 @@ def build_and_load(cfg: Config, ckpt: Path, meta: dict[str, Any]):
     from dist_tempnet.runtime.trainer import init_distributed, seed_everything
     from dist_tempnet.tasks import build_task
 
-    verify_checkpoint(ckpt)  # every file's SHA-256 as saved, before anything is loaded
+    verify_checkpoint(ckpt)  # every file's SHA-256 as saved, before anything is built or loaded
     device = init_distributed()
     seed_everything(cfg.run.seed)
     task = build_task(cfg, 0, 1, device)
@@ -202,10 +202,9 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
 ) -> EvalResult:
     """Evaluate one checkpoint in this process (world size 1); see the module docstring."""
-    from dist_tempnet.runtime.checkpoint import read_meta, verify_checkpoint
+    from dist_tempnet.runtime.checkpoint import read_meta
 
     ckpt = resolve_checkpoint_dir(checkpoint)
-    verify_checkpoint(ckpt)  # every file's SHA-256 as saved, before anything is built or loaded
     meta = read_meta(ckpt)
     cfg = eval_config(meta, data, split, max_batches, batch_size)
     _check_eval_data(data or cfg.data.path, cfg.data.eval_split)
