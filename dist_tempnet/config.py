@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent with another."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, was altered since it was saved (SHA-256), or holds objects
+    other than tensors and plain types; it is not loaded. (Here, next to ConfigError, so that the CLI
+    reports it without importing torch.)"""
+
+
 @dataclass
 class RunConfig:
     name: str = "clip-tiny"

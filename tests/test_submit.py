@@ -77,7 +77,7 @@ def test_runtime_env_working_dir_pip_or_image():
     assert (
         env["working_dir"] == str(REPO) and env["pip"] == ["einops==0.8.0"] and env["env_vars"] == {"A": "1"}
     )
-    assert {".venv", "data", "runs", "*.db"} <= set(env["excludes"])
+    assert {"/.venv", "/data", "/runs", "*.db", ".env", ".ray/"} <= set(env["excludes"])
     assert build_runtime_env(None, {}, [], "ghcr.io/x/y:1")["image_uri"] == "ghcr.io/x/y:1"
     with pytest.raises(ValueError, match="exclusive"):
         build_runtime_env(None, {}, ["a"], "img")

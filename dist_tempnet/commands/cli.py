@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-from dist_tempnet.config import ConfigError
+from dist_tempnet.config import CheckpointError, ConfigError
 from dist_tempnet.runtime.logs import configure_logging
 
 # The verbs, in the order `--help` lists them; each module defines `register(subparsers)`.
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"dist-tempnet: config error: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, CheckpointError) as exc:
         print(f"dist-tempnet: {exc}", file=sys.stderr)
         return 2
 

@@ -34,6 +34,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-wait", action="store_true", help="print the job id and return without following logs"
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the entrypoint, list the files that would be uploaded (with sizes) and exit; "
+        "contacts no cluster",
+    )
+    p.add_argument(
+        "--force-secrets",
+        action="store_true",
+        help="upload files that look like private keys anyway (refused by default)",
+    )
     p.add_argument("entrypoint", nargs=argparse.REMAINDER, help="the command to run, after --")
     p.set_defaults(fn=_cmd_submit)
 

@@ -319,7 +319,8 @@ class BatchStream:
             "shuffle": spec.shuffle,
             "id_range": [spec.manifest.id_start, spec.manifest.id_stop],
             "open_epoch": self.oldest_open_epoch,
-            "consumed": {e: np.packbits(bits) for e, bits in self._consumed.items()},
+            # Tensors, not numpy arrays: checkpoints load with weights_only=True.
+            "consumed": {int(e): torch.from_numpy(np.packbits(bits)) for e, bits in self._consumed.items()},
             "next_worker": self._next_worker,
             **self.state_dict(),
         }

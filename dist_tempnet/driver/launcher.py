@@ -192,8 +192,8 @@ def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
 
 
 def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
-    """(uri, run_id, tracker) of the MLflow run a checkpoint belongs to, or None when it has none
-    or it cannot be found (then a new run is created)."""
+    """(uri, run_id, tracker, (status, end_time) it had) of the MLflow run a checkpoint belongs to,
+    or None when it has none or it cannot be found (then a new run is created)."""
     from dist_tempnet.runtime.checkpoint import read_meta
     from dist_tempnet.runtime.tracking import Tracker, resolve_tracking_uri
 
@@ -209,7 +209,7 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     )
     tracker = Tracker(uri, run_id)
     try:
-        tracker.client.get_run(run_id)
+        info = tracker.client.get_run(run_id).info
         tracker.client.update_run(run_id, status="RUNNING")
     except Exception as exc:  # noqa: BLE001 - e.g. the run lives in another tracking store
         logger.warning(
@@ -218,13 +218,14 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
         )
         return None
     tracker.set_tags({"resumed_from_checkpoint": str(checkpoint)})
-    return uri, run_id, tracker
+    return uri, run_id, tracker, (info.status, info.end_time)
 
 
 def _open_tracking(cfg: Config, continuing: Path | None):
-    """(tracking_uri, run_id, driver tracker) — the checkpoint's run when continuing one."""
+    """(tracking_uri, run_id, driver tracker, previous status) — the checkpoint's run when continuing
+    one (with the (status, end_time) it had), else a new run (previous status None)."""
     if not cfg.mlflow.enabled:
-        return "", "", None
+        return "", "", None, None
     from dist_tempnet.runtime.tracking import Tracker, start_run
 
     reopened = _reopen_mlflow_run(cfg, continuing) if continuing else None
@@ -233,7 +234,17 @@ def _open_tracking(cfg: Config, continuing: Path | None):
         return reopened
     uri, run_id = start_run(cfg, cfg.ray.num_workers)
     logger.info(f"MLflow run {run_id} ({uri})")
-    return uri, run_id, Tracker(uri, run_id)
+    return uri, run_id, Tracker(uri, run_id), None
+
+
+def _close_failed(tracker, previous: tuple[str, int | None] | None) -> None:
+    """FAILED for a run this invocation created; a reopened run gets back the status it had: a resume
+    that fails (e.g. on a corrupt checkpoint) must not turn a FINISHED run into a FAILED one."""
+    if previous is None:
+        tracker.terminate("FAILED")
+    elif previous[0] in ("FINISHED", "FAILED", "KILLED"):
+        tracker.terminate(previous[0], end_time=previous[1])
+    # else it was RUNNING (a crashed job continued by Ray) and stays so
 
 
 def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | None = None) -> RunSummary:
@@ -258,7 +269,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
                 f"Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
                 f"{continuing} (choose another run.name for a fresh run)",
             )
-    uri, run_id, tracker = _open_tracking(cfg, continuing)
+    uri, run_id, tracker, previous_status = _open_tracking(cfg, continuing)
     spec = WorkerSpec(
         cfg.to_dict(),
         tracking_uri=uri,
@@ -280,7 +291,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
             checkpoint = ""
     except BaseException:
         if tracker:
-            tracker.terminate("FAILED")
+            _close_failed(tracker, previous_status)
         raise
     summary = RunSummary(run_id, uri, metrics, str(checkpoint), time.perf_counter() - t0)
     if tracker:

@@ -10,21 +10,21 @@ from pathlib import Path
 import yaml
 
 from dist_tempnet.config import Config, load_config
-from dist_tempnet.runtime.checkpoint import COMPLETE, META, latest_checkpoint, missing_parts, read_meta
+from dist_tempnet.runtime.checkpoint import COMPLETE, META, latest_checkpoint, read_meta, verify_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 def _checkpoint_in_dir(path: Path) -> Path:
-    """A checkpoint directory, or the latest complete checkpoint of a run directory."""
+    """A checkpoint directory, or the latest complete checkpoint of a run directory; its files are
+    verified against their SHA-256 (CheckpointError) before any worker starts."""
     if (path / META).is_file() or (path / COMPLETE).is_file():
-        problems = missing_parts(path)
-        if problems:
-            raise FileNotFoundError(f"checkpoint '{path}' is incomplete: {', '.join(problems[:5])}")
+        verify_checkpoint(path)
         return path
     for root in (path, path / "checkpoints"):
         latest = latest_checkpoint(root)
         if latest is not None:
+            verify_checkpoint(latest)
             return latest
     raise FileNotFoundError(
         f"'{path}' is neither a checkpoint (meta.json + COMPLETE) nor a run directory holding complete "

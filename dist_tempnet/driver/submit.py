@@ -5,8 +5,12 @@
 
 `launch/submit.sh` is this command with the repository as working directory. What it sends:
 
-- working_dir: the repository (uploaded by Ray; .gitignore'd files and the virtualenv, data and run
-  directories are left out), prepended to the job's PYTHONPATH so the submitted code is what runs;
+- working_dir: the repository, zipped and uploaded by Ray, prepended to the job's PYTHONPATH so the
+  submitted code is what runs. Left out: what .gitignore/.rayignore list, the repository root's
+  virtualenv, data, run and MLflow directories (anchored patterns: `dist_tempnet/data` is code and
+  goes), and secrets anywhere in the tree (UPLOAD_EXCLUDES: dotenv files, key files, cloud
+  credentials, .ray/, .git/). A file that still looks like a private key stops the submission unless
+  `--force-secrets`; `--dry-run` lists what would be uploaded, with sizes, and contacts no cluster;
 - runtime env: `--pip` packages installed for the job, or `--image` (Ray's image_uri, needs podman
   on the nodes), or neither when the nodes already have the package (our container image);
 - env_vars: DS_ACCELERATOR, NCCL_*, MLFLOW_TRACKING_URI and the MLflow/S3 credentials, copied from
@@ -26,10 +30,15 @@ import argparse
 import asyncio
 import contextlib
 import io
+import logging
 import os
+import re
 import shlex
 import sys
+import tempfile
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,22 +62,46 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE",
     "HF_TOKEN",
 )
-# Never uploaded: local environments, datasets, run outputs, local MLflow stores.
+# Never uploaded (Ray's `excludes`, gitignore syntax, relative to the working dir). A leading "/"
+# anchors a pattern at the repository root: a bare "data" would also drop the dist_tempnet/data package.
 UPLOAD_EXCLUDES = [
-    ".git",
-    ".venv",
-    "venv",
-    "data",
-    "runs",
-    "mlruns",
-    "mlartifacts",
-    "exports",
+    # local environments, datasets, run outputs, local MLflow stores (of the repository root)
+    "/.venv",
+    "/venv",
+    "/data",
+    "/runs",
+    "/mlruns",
+    "/mlartifacts",
+    "/exports",
     "*.db",
     "__pycache__",
     "*.egg-info",
     ".pytest_cache",
     ".ruff_cache",
+    # secrets, at any depth
+    ".git",
+    ".ray/",
+    ".env",
+    ".env.*",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    "*.p12",
+    "*.pfx",
+    "credentials.json",
+    "*service-account*.json",
+    ".aws/",
+    "**/.config/gcloud/",
+    ".netrc",
+    ".pypirc",
+    ".kube/",
+    ".docker/config.json",
 ]
+# What a private key file starts with (PEM: RSA, EC, DSA, OPENSSH, ENCRYPTED, PKCS#8; PuTTY).
+PRIVATE_KEY = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----|PuTTY-User-Key-File-")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -109,6 +142,65 @@ def enable_token_auth(environ: dict[str, str]) -> bool:
         environ["RAY_AUTH_MODE"] = "token"
         return True
     return False
+
+
+@dataclass
+class UploadedFile:
+    path: str  # relative to the working dir
+    size: int
+    private_key: bool  # its content starts like a private key
+
+
+def upload_excludes() -> list[str]:
+    """Everything Ray leaves out of the working dir zip: its own defaults (.git, .venv, venv,
+    __pycache__; RAY_OVERRIDE_RUNTIME_ENV_DEFAULT_EXCLUDES) and ours; .gitignore/.rayignore on top."""
+    from ray._private.ray_constants import get_runtime_env_default_excludes
+
+    return get_runtime_env_default_excludes() + UPLOAD_EXCLUDES
+
+
+def package_working_dir(working_dir: Path, target: Path) -> Path:
+    """Zip `working_dir` exactly as Ray does before uploading it (Ray's own packaging function, the
+    same excludes, .gitignore and .rayignore honoured); returns `target`."""
+    from ray._private.runtime_env.packaging import create_package
+
+    quiet = logging.getLogger(__name__ + ".packaging")  # Ray logs each .gitignore it honours at INFO
+    quiet.setLevel(logging.WARNING)
+    create_package(str(working_dir), target, include_gitignore=True, excludes=upload_excludes(), logger=quiet)
+    return target
+
+
+def files_to_upload(working_dir: Path) -> list[UploadedFile]:
+    """The files Ray would upload for `working_dir`, read back from the zip Ray's packaging builds."""
+    with tempfile.TemporaryDirectory(prefix="dist-tempnet-upload-") as tmp:
+        package = package_working_dir(working_dir, Path(tmp) / "working_dir.zip")
+        found = []
+        with zipfile.ZipFile(package) as zf:
+            for info in zf.infolist():
+                if info.is_dir():
+                    continue
+                with zf.open(info) as f:
+                    head = f.read(4096).lstrip()
+                found.append(UploadedFile(info.filename, info.file_size, bool(PRIVATE_KEY.match(head))))
+    return sorted(found, key=lambda f: f.path)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def format_upload(working_dir: Path, files: list[UploadedFile]) -> str:
+    lines = [f"working_dir {working_dir}: {len(files)} files would be uploaded"]
+    lines += [
+        f"{_size(f.size):>10}  {f.path}{'   <-- looks like a PRIVATE KEY' if f.private_key else ''}"
+        for f in files
+    ]
+    lines.append(f"{_size(sum(f.size for f in files)):>10}  total")
+    return "\n".join(lines)
 
 
 def build_runtime_env(
@@ -245,6 +337,24 @@ def submit(
         return 2
     for warning in warn_about_paths(cfg, env_vars):
         print(f"dist-tempnet submit: warning: {warning}", file=sys.stderr)
+    if working_dir is not None:
+        # Ray's upload must honour .gitignore like the listing below (Ray skips it when this is 1).
+        os.environ.pop("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", None)
+        files = files_to_upload(working_dir)
+        if args.dry_run:
+            print(format_upload(working_dir, files), flush=True)
+        keys = [f.path for f in files if f.private_key]
+        if keys and not args.force_secrets:
+            print(
+                f"dist-tempnet submit: refusing to upload what looks like private keys: {', '.join(keys)} "
+                f"(under {working_dir}); remove them, list them in .gitignore or .rayignore, or pass "
+                "--force-secrets",
+                file=sys.stderr,
+            )
+            return 2
+    if args.dry_run:
+        print("dry run: nothing submitted", flush=True)
+        return 0
 
     token = enable_token_auth(environ)
     address = args.address or environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS

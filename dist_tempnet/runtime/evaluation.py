@@ -143,7 +143,10 @@ def _load_zero3_weights(module: Any, ds_dir: Path, tag: str) -> None:
     # process can load a checkpoint written by any number of workers.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    from dist_tempnet.runtime.checkpoint import weights_only_loads
+
+    with weights_only_loads():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if "dro_state" not in k]:
         raise EvalError(
@@ -154,10 +157,12 @@ def _load_zero3_weights(module: Any, ds_dir: Path, tag: str) -> None:
 
 def build_and_load(cfg: Config, ckpt: Path, meta: dict[str, Any]):
     """(task, engine) for one process with the checkpoint's weights loaded."""
+    from dist_tempnet.runtime.checkpoint import verify_checkpoint, weights_only_loads
     from dist_tempnet.runtime.engine import build_engine
     from dist_tempnet.runtime.trainer import init_distributed, seed_everything
     from dist_tempnet.tasks import build_task
 
+    verify_checkpoint(ckpt)  # every file's SHA-256 as saved, before anything is built or loaded
     device = init_distributed()
     seed_everything(cfg.run.seed)
     task = build_task(cfg, 0, 1, device)
@@ -170,13 +175,14 @@ def build_and_load(cfg: Config, ckpt: Path, meta: dict[str, Any]):
     if not zero3:
         # Under ZeRO-0/1/2 the full module weights sit in mp_rank_00_model_states.pt whatever the
         # world size was; optimizer shards are per rank and not needed here.
-        path, _ = engine.load_checkpoint(
-            str(ds_dir),
-            tag=tag,
-            load_module_only=True,
-            load_optimizer_states=False,
-            load_lr_scheduler_states=False,
-        )
+        with weights_only_loads():
+            path, _ = engine.load_checkpoint(
+                str(ds_dir),
+                tag=tag,
+                load_module_only=True,
+                load_optimizer_states=False,
+                load_lr_scheduler_states=False,
+            )
         if path is None:
             raise EvalError(f"checkpoint '{ckpt}': DeepSpeed found no weights under deepspeed/{tag}")
     return task, engine

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dist_tempnet.config import config_from_dict
-from dist_tempnet.runtime.checkpoint import read_meta
+from dist_tempnet.runtime.checkpoint import load_trusted, read_meta, verify_checkpoint, weights_only_loads
 
 TEMPNET_WEIGHTS = "tempnet.safetensors"
 TEMPNET_CONFIG = "tempnet_config.json"
@@ -23,18 +23,18 @@ TEMPNET_CONFIG = "tempnet_config.json"
 
 def consolidated_state_dict(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The full module state dict of a checkpoint written by training (any ZeRO stage)."""
+    verify_checkpoint(checkpoint_dir)
     meta = read_meta(checkpoint_dir)
     ds_dir = checkpoint_dir / "deepspeed"
     tag = meta["tag"]
     zero_stage = int(meta["config"]["deepspeed"]["zero_stage"])
     if zero_stage == 0:
-        states = torch.load(
-            ds_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-        )
+        states = load_trusted(ds_dir / tag / "mp_rank_00_model_states.pt")
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=tag)
 
 
 def restore_hf_scalar_shapes(model: nn.Module) -> None:
@@ -124,6 +124,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     from dist_tempnet.tasks import build_task
 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    verify_checkpoint(checkpoint_dir)  # before anything is built or loaded
     meta = read_meta(checkpoint_dir)
     cfg = config_from_dict(meta["config"])
     task = build_task(cfg, rank=0, world=1, device=torch.device("cpu"))

@@ -190,10 +190,11 @@ class Tracker:
         if self.enabled:
             self._call(self.client.log_figure, self.run_id, figure, artifact_file)
 
-    def terminate(self, status: str = "FINISHED") -> None:
+    def terminate(self, status: str = "FINISHED", end_time: int | None = None) -> None:
+        """End the run with `status` (at `end_time`, ms since the epoch; default now)."""
         if self.enabled:
             self.flush(force=True)
-            self._call(self.client.set_terminated, self.run_id, status)
+            self._call(self.client.set_terminated, self.run_id, status, end_time)
 
 
 def log_tau_histogram(tracker: Tracker, taus: dict[str, Any], xlabel: str, ylabel: str) -> None:

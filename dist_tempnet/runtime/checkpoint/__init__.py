@@ -11,11 +11,14 @@ from dist_tempnet.runtime.checkpoint.layout import (
     complete_checkpoints,
     is_complete,
     latest_checkpoint,
+    load_trusted,
     missing_parts,
     read_meta,
     retained_checkpoints,
     rng_state,
     set_rng_state,
+    verify_checkpoint,
+    weights_only_loads,
     write_rank_files,
 )
 from dist_tempnet.runtime.checkpoint.restore import (
@@ -45,6 +48,7 @@ __all__ = [
     "is_complete",
     "latest_checkpoint",
     "load_into",
+    "load_trusted",
     "make_sink",
     "missing_parts",
     "read_meta",
@@ -52,5 +56,7 @@ __all__ = [
     "retained_checkpoints",
     "rng_state",
     "set_rng_state",
+    "verify_checkpoint",
+    "weights_only_loads",
     "write_rank_files",
 ]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -29,7 +30,13 @@ import torch
 import torch.distributed as dist
 
 from dist_tempnet import comm
-from dist_tempnet.runtime.checkpoint.layout import missing_parts, read_meta, set_rng_state
+from dist_tempnet.runtime.checkpoint.layout import (
+    load_trusted,
+    read_meta,
+    set_rng_state,
+    verify_checkpoint,
+    weights_only_loads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +51,9 @@ class ResumePoint:
 
 
 def checked_meta(directory: Path) -> dict[str, Any]:
-    """meta.json of a checkpoint that is complete; otherwise a clear error naming what is missing."""
-    problems = missing_parts(directory)
-    if problems:
-        raise FileNotFoundError(f"checkpoint '{directory}' is incomplete: {', '.join(problems[:5])}")
+    """meta.json of a checkpoint that is complete and whose every file has the SHA-256 recorded at
+    save; otherwise a clear error naming the file. Runs before anything of it is loaded."""
+    verify_checkpoint(directory)
     return read_meta(directory)
 
 
@@ -60,7 +66,7 @@ def needs_universal(meta: dict[str, Any], world: int) -> bool:
 def read_task_states(rank_files: list[Path]) -> list[dict[str, Any]]:
     """The `task` part of every old rank's file, in rank order (memory-mapped: every new rank reads
     all old shards but keeps only the rows it owns)."""
-    return [torch.load(p, map_location="cpu", weights_only=False, mmap=True)["task"] for p in rank_files]
+    return [load_trusted(p, mmap=True)["task"] for p in rank_files]
 
 
 def _local_rank() -> int:
@@ -86,7 +92,9 @@ def _convert_to_universal(tag_dir: Path, out: Path) -> None:
         # torch's AdamW creates its state lazily; the converter then finds no `step` to copy.
         inject_missing_state=True,
     )
-    with contextlib.redirect_stdout(open(os.devnull, "w")):  # noqa: SIM115 - closed with the process
+    # The converter reads DeepSpeed's files with pickle; the checkpoint was verified first, and
+    # weights-only loading keeps a tampered file from running code anyway.
+    with weights_only_loads(), contextlib.redirect_stdout(io.StringIO()):
         ds_to_universal(args)
 
 
@@ -149,9 +157,10 @@ def base_optimizer(engine) -> torch.optim.Optimizer:
 
 def _load_engine(directory: Path, meta: dict[str, Any], engine, universal_root: Path | None) -> None:
     source = universal_root if universal_root is not None else directory / "deepspeed"
-    load_path, _ = engine.load_checkpoint(
-        str(source), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    with weights_only_loads():
+        load_path, _ = engine.load_checkpoint(
+            str(source), tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise FileNotFoundError(
             f"checkpoint '{directory}': DeepSpeed found no state under {source}/{meta['tag']}"
@@ -175,5 +184,5 @@ def load_into(
     task.load_state(read_task_states(rank_files), old_world)
     if old_world == comm.world_size():
         own = directory / f"rank_{comm.rank()}.pt"
-        set_rng_state(torch.load(own, weights_only=False)["rng"])
+        set_rng_state(load_trusted(own)["rng"])
     return meta | {"path": str(directory)}
