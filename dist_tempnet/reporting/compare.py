@@ -13,8 +13,6 @@ run, and the runs' own `tau_histogram.png` artifacts tiled into one figure.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import os
 import re
@@ -26,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 COMPARISON_TAG = "dist_tempnet.comparison"
 SWEEP_TAG = "dist_tempnet.sweep"
@@ -345,41 +345,39 @@ COLUMNS: list[Column] = [
 ]
 
 
-@dataclass
-class Table:
-    columns: list[Column]
-    rows: list[list[Any]]  # raw values (None = missing)
+def _cell_values(records: Sequence[RunRecord], columns: Sequence[Column]) -> pd.DataFrame:
+    """One row per run, one column per `Column` (missing values as NA; whole numbers as Int64)."""
+    df = pd.DataFrame({col.key: [col.value(r) for r in records] for col in columns}, dtype=object)
+    for col in columns:
+        values = df[col.key].dropna()
+        if col.fmt or not len(values):
+            df[col.key] = pd.to_numeric(df[col.key]) if col.fmt else df[col.key]
+        elif all(isinstance(v, int) for v in values):
+            df[col.key] = df[col.key].astype("Int64")
+    return df
 
-    def formatted(
-        self, missing: str = MISSING, short_ids: bool = False, names: Sequence[str] | None = None
-    ) -> list[list[str]]:
-        out = []
-        for i, row in enumerate(self.rows):
-            cells = []
-            for col, value in zip(self.columns, row):
-                text = format_value(value, col.fmt, missing)
-                if short_ids and col.key == "run_id" and value:
-                    text = value[:8]
-                if names is not None and col.key == "run_name":
-                    text = names[i]
-                cells.append(text)
-            out.append(cells)
-        return out
+
+def build_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS) -> pd.DataFrame:
+    """One row per run; optional columns appear only when at least one run has a value."""
+    df = _cell_values(records, columns)
+    keep = [c.key for c in columns if c.always or df[c.key].notna().any()]
+    return df[keep]
 
 
 def format_value(value: Any, fmt: str, missing: str = MISSING) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+    if value is None or value is pd.NA or (isinstance(value, float) and not math.isfinite(value)):
         return missing
     if isinstance(value, float) and fmt:
         return format(value, fmt)
     return str(value)
 
 
-def build_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMNS) -> Table:
-    """One row per run; optional columns appear only when at least one run has a value."""
-    values = [[col.value(r) for col in columns] for r in records]
-    keep = [i for i, col in enumerate(columns) if col.always or any(row[i] is not None for row in values)]
-    return Table([columns[i] for i in keep], [[row[i] for i in keep] for row in values])
+def _formatted(df: pd.DataFrame, columns: Sequence[Column]) -> pd.DataFrame:
+    """Every cell as printed: the column's number format, MISSING for no value."""
+    by_key = {c.key: c for c in columns}
+    return pd.DataFrame(
+        {key: [format_value(v, by_key[key].fmt) for v in df[key]] for key in df.columns}, index=df.index
+    ).rename(columns={key: by_key[key].title for key in df.columns})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,17 +387,6 @@ def build_table(records: Sequence[RunRecord], columns: Sequence[Column] = COLUMN
 def config_key(record: RunRecord) -> tuple:
     params = tuple(sorted((k, v) for k, v in record.params.items() if not k.startswith(_NOT_CONFIG_PARAMS)))
     return (record.tags.get(PARENT_TAG, ""), record.method, params)
-
-
-@dataclass
-class Group:
-    label: str
-    method: str
-    records: list[RunRecord]
-
-    @property
-    def finished(self) -> list[RunRecord]:
-        return [r for r in self.records if r.status == "FINISHED"]
 
 
 def _varying_params(keys: list[tuple]) -> list[str]:
@@ -424,124 +411,79 @@ def _group_label(key: tuple, varying: list[str], modal: dict[str, str | None], m
     return " ".join(shown) or key[1] or "(all)"
 
 
-def group_runs(records: Sequence[RunRecord]) -> list[Group]:
-    """Runs with the same parent and the same config except seed, in order of first appearance."""
-    by_key: dict[tuple, list[RunRecord]] = {}
-    for r in records:
-        by_key.setdefault(config_key(r), []).append(r)
-    keys = list(by_key)
-    varying = [n for n in _varying_params(keys) if n != "loss.name"]
-    if len({k[1] for k in keys}) > 1:
+def group_labels(records: Sequence[RunRecord]) -> list[str]:
+    """Each run's group: same parent and same config except seed, labelled by what sets it apart."""
+    keys = [config_key(r) for r in records]
+    distinct = list(dict.fromkeys(keys))
+    varying = [n for n in _varying_params(distinct) if n != "loss.name"]
+    if len({k[1] for k in distinct}) > 1:
         varying.insert(0, "loss.name")
-    modal = _modal_values(keys, varying)
-    return [Group(_group_label(k, varying, modal), k[1], rs) for k, rs in by_key.items()]
+    modal = _modal_values(distinct, varying)
+    labels = {k: _group_label(k, varying, modal) for k in distinct}
+    return [labels[k] for k in keys]
 
 
-def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None when undefined)."""
-    if not values:
-        return None, None
-    mean = statistics.fmean(values)
-    return mean, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-@dataclass
-class GroupTable:
-    columns: list[Column]  # the aggregated columns
-    groups: list[Group]
-    stats: list[list[tuple[float | None, float | None]]]  # per group, per column: (mean, std)
-
-    def formatted(self) -> tuple[list[str], list[list[str]]]:
-        header = ["group", "method", "runs", "failed", *[c.title for c in self.columns]]
-        rows = []
-        for group, stats in zip(self.groups, self.stats):
-            cells = [
-                group.label,
-                group.method,
-                str(len(group.finished)),
-                str(len(group.records) - len(group.finished)),
-            ]
-            cells += [_pm(mean, std, col.fmt) for col, (mean, std) in zip(self.columns, stats)]
-            rows.append(cells)
-        return header, rows
+def build_group_table(records: Sequence[RunRecord], table_columns: Sequence[Column]) -> pd.DataFrame:
+    """Per group: finished and failed run counts, and mean / sample std of every aggregated column
+    over the FINISHED runs (failed runs are counted, not averaged). Columns `<key>_mean`, `<key>_std`."""
+    aggregated = [c.key for c in table_columns if c.aggregate]
+    df = _cell_values(records, [c for c in table_columns if c.aggregate])
+    df = df.astype("float64")
+    df["group"] = group_labels(records)
+    df["method"] = [r.method for r in records]
+    df["finished"] = [r.status == "FINISHED" for r in records]
+    df["run_id"] = [r.run_id for r in records]
+    grouped = df.groupby("group", sort=False)
+    out = grouped.agg(
+        method=("method", "first"),
+        runs=("finished", "sum"),
+        total=("finished", "size"),
+        run_ids=("run_id", " ".join),
+    )
+    out["failed"] = out.pop("total") - out["runs"]
+    stats = df[df["finished"]].groupby("group", sort=False)[aggregated].agg(["mean", "std"])
+    stats.columns = [f"{key}_{stat}" for key, stat in stats.columns]
+    out = out.join(stats).reset_index()
+    return out[["group", "method", "runs", "failed", "run_ids", *stats.columns]]
 
 
 def _pm(mean: float | None, std: float | None, fmt: str) -> str:
-    if mean is None:
+    if mean is None or not math.isfinite(mean):
         return MISSING
-    return format_value(mean, fmt) + ("" if std is None else f" ± {format_value(std, fmt)}")
+    spread = "" if std is None or not math.isfinite(std) else f" ± {format_value(std, fmt)}"
+    return format_value(mean, fmt) + spread
 
 
-def build_group_table(groups: Sequence[Group], table_columns: Sequence[Column]) -> GroupTable:
-    """Mean ± std over the FINISHED runs of each group (failed runs are counted, not averaged)."""
-    columns = [c for c in table_columns if c.aggregate]
-    stats = []
-    for group in groups:
-        row = []
-        for col in columns:
-            values = [v for v in (col.value(r) for r in group.finished) if v is not None]
-            row.append(mean_std(values))
-        stats.append(row)
-    return GroupTable(columns, list(groups), stats)
+def formatted_groups(groups: pd.DataFrame, table_columns: Sequence[Column]) -> pd.DataFrame:
+    cells = groups[["group", "method", "runs", "failed"]].astype(str)
+    for col in table_columns:
+        if col.aggregate and f"{col.key}_mean" in groups:
+            cells[col.title] = [
+                _pm(m, s, col.fmt) for m, s in zip(groups[f"{col.key}_mean"], groups[f"{col.key}_std"])
+            ]
+    return cells
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering
+# Rendering: tabulate (what pandas' own to_markdown uses) for text and Markdown, pandas for CSV
 
 
-def render_text(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = [
-        "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
-        "  ".join("-" * w for w in widths),
-    ]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return "\n".join(lines)
+def render_text(cells: pd.DataFrame) -> str:
+    return cells.to_markdown(index=False, tablefmt="simple", disable_numparse=True)
 
 
-def render_markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+def render_markdown(cells: pd.DataFrame) -> str:
+    escaped = cells.map(lambda c: c.replace("|", "\\|"))
+    return escaped.to_markdown(index=False, tablefmt="pipe", disable_numparse=True)
 
 
-def table_csv(table: Table) -> str:
+def table_csv(table: pd.DataFrame) -> str:
     """Full-precision values; an empty cell is a missing value."""
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow([c.key for c in table.columns])
-    for row in table.rows:
-        writer.writerow(
-            [
-                ""
-                if v is None or (isinstance(v, float) and not math.isfinite(v))
-                else (repr(v) if isinstance(v, float) else str(v))
-                for v in row
-            ]
-        )
-    return buf.getvalue()
+    return table.to_csv(index=False, lineterminator="\n")
 
 
-def groups_csv(gt: GroupTable) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    header = ["group", "method", "runs", "failed", "run_ids"]
-    for col in gt.columns:
-        header += [f"{col.key}_mean", f"{col.key}_std"]
-    writer.writerow(header)
-    for group, stats in zip(gt.groups, gt.stats):
-        row = [
-            group.label,
-            group.method,
-            len(group.finished),
-            len(group.records) - len(group.finished),
-            " ".join(r.run_id for r in group.records),
-        ]
-        for mean, std in stats:
-            row += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
-        writer.writerow(row)
-    return buf.getvalue()
+def groups_csv(groups: pd.DataFrame) -> str:
+    return groups.to_csv(index=False, lineterminator="\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,8 +791,8 @@ def write_plots(client, records: Sequence[RunRecord], out: Path) -> list[Path]:
 @dataclass
 class Comparison:
     records: list[RunRecord]
-    table: Table
-    groups: GroupTable
+    table: pd.DataFrame  # one row per run (build_table)
+    groups: pd.DataFrame  # one row per configuration (build_group_table)
     files: list[Path] = field(default_factory=list)
 
     @property
@@ -858,31 +800,35 @@ class Comparison:
         prefix = shared_name_prefix([r.name for r in self.records])
         return f"Runs {prefix}* ({len(self.records)})" if prefix else f"Runs ({len(self.records)})"
 
+    def _cells(self, short_ids: bool) -> pd.DataFrame:
+        table = self.table.assign(run_name=[r.label for r in self.records])
+        if short_ids:
+            table = table.assign(run_id=table["run_id"].str[:8])
+        return _formatted(table, COLUMNS)
+
+    def _group_cells(self) -> pd.DataFrame:
+        return formatted_groups(self.groups, [c for c in COLUMNS if c.key in self.table.columns])
+
     def text(self) -> str:
-        header = [c.title for c in self.table.columns]
-        names = [r.label for r in self.records]
-        parts = [self._title + ":", render_text(header, self.table.formatted(short_ids=True, names=names))]
-        if any(len(g.records) > 1 for g in self.groups.groups):
-            g_header, g_rows = self.groups.formatted()
+        parts = [self._title + ":", render_text(self._cells(short_ids=True))]
+        if (self.groups["runs"] + self.groups["failed"] > 1).any():
             parts += [
                 "",
                 "Per configuration (mean ± sample std over finished runs):",
-                render_text(g_header, g_rows),
+                render_text(self._group_cells()),
             ]
         return "\n".join(parts)
 
     def markdown(self) -> str:
-        header = [c.title for c in self.table.columns]
-        g_header, g_rows = self.groups.formatted()
         return "\n".join(
             [
                 f"## {self._title}",
                 "",
-                render_markdown(header, self.table.formatted(names=[r.label for r in self.records])),
+                render_markdown(self._cells(short_ids=False)),
                 "",
                 "## Per configuration (mean ± sample std over finished runs)",
                 "",
-                render_markdown(g_header, g_rows),
+                render_markdown(self._group_cells()),
                 "",
             ]
         )
@@ -903,7 +849,8 @@ def compare(client, runs: Sequence[Any], out: Path | None = None, plots: bool = 
     for r in records:
         r.short_name = r.name.removeprefix(prefix)
     table = build_table(records)
-    comparison = Comparison(records, table, build_group_table(group_runs(records), table.columns))
+    shown = [c for c in COLUMNS if c.key in table.columns]
+    comparison = Comparison(records, table, build_group_table(records, shown))
     if out is not None:
         comparison.files = write_outputs(client, comparison, out, plots)
     return comparison
