@@ -74,6 +74,11 @@ class DataConfig:
     allow_corrupt: bool = False
     image_size: int = 32
     max_text_len: int = 16
+    # Shards written elsewhere (img2dataset): the caption field; images may be jpg/jpeg/png/webp.
+    caption_key: str = "txt"
+    # Training images: random resized crop with this area scale (OpenCLIP's default); eval center-crops.
+    # An empty list: center-crop in training too.
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     seq_len: int = 128  # LM token shards
     demo_num_train: int = 4096
     demo_num_eval: int = 512
@@ -380,6 +385,14 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(bool(cfg.data.path), source, "data.path", "must name a dataset directory")
     _check(cfg.data.shuffle_buffer >= 0, source, "data.shuffle_buffer", "must be >= 0")
+    scale = cfg.data.train_crop_scale
+    _check(
+        scale == [] or (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1),
+        source,
+        "data.train_crop_scale",
+        f"must be [] or [min, max] with 0 < min <= max <= 1, got {scale}",
+    )
+    _check(bool(cfg.data.caption_key), source, "data.caption_key", "must name the caption field (e.g. txt)")
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")
     _check(0 < lo.gamma <= 1, source, "loss.gamma", f"must be in (0, 1], got {lo.gamma}")

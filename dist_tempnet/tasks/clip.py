@@ -13,6 +13,7 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
+from dist_tempnet.data.pipeline import normalize_pixels
 from dist_tempnet.dro_state import DROState
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.metrics import (
@@ -43,6 +44,8 @@ class CLIPTrainModule(nn.Module):
         dtype = next(self.clip.parameters()).dtype
         img = txt = None
         if pixel_values is not None:
+            if pixel_values.dtype == torch.uint8:  # batches travel as uint8; normalize on the device
+                pixel_values = normalize_pixels(pixel_values, dtype)
             img = F.normalize(encode_images(self.clip, pixel_values.to(dtype)).float(), dim=-1)
         if input_ids is not None:
             txt = F.normalize(encode_texts(self.clip, input_ids, attention_mask).float(), dim=-1)
@@ -129,6 +132,8 @@ class CLIPTask(Task):
             max_text_len=d.max_text_len,
             allow_corrupt=d.allow_corrupt,
             resume=resume,
+            caption_key=d.caption_key,
+            crop_scale=tuple(d.train_crop_scale) if d.train_crop_scale else None,
         )
 
     def units(self, batch: dict[str, Any]) -> int:
