@@ -62,9 +62,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # Directory holding dataset.json (see dist_tempnet.data). With `demo: true` a missing
-    # directory is created by `dist-tempnet make-shards` semantics before workers start.
-    path: str = "data/demo_clip"
+    # A dataset root or directory holding dataset.json (make-shards output, or an index written by
+    # `dist-tempnet index-shards`), or shards written elsewhere: a directory of img2dataset .tar files
+    # (with _stats.json), a brace pattern (`cc12m/{00000..01242}.tar`), a list, or URLs (https://,
+    # s3://, gs://, pipe:...). With `demo: true` a missing directory gets the demo data first.
+    path: str | list[str] = "data/demo_clip"
     demo: bool = True
     train_split: str = "train"
     eval_split: str = "eval"
@@ -159,6 +161,16 @@ class EvalConfig:
     every: int = 0  # 0: only at the end
     zero_shot: bool = True
     max_batches: int = 0  # 0: the whole eval split
+    # Standard benchmarks (tasks/clip_benchmarks.py), each run when its path is set:
+    # zero-shot on an ImageFolder tree (root/<class_dir>/*.jpg) or shards/an index with a `cls` field,
+    zero_shot_path: str = ""
+    classnames: str = ""  # imagenet | a file (one per line / JSON list) | "": directory names
+    templates: str = "openai"  # openai (80 templates) | simple | a file of templates with {}
+    # retrieval on a Karpathy-split JSON (Flickr30k/COCO) or shards with several captions per image.
+    retrieval_path: str = ""
+    retrieval_images: str = ""  # image root for the Karpathy JSON (default: the JSON's directory)
+    retrieval_split: str = "test"
+    batch_size: int = 0  # 0: train.micro_batch_size
 
 
 @dataclass
@@ -203,7 +215,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, source)
+        for candidate in args[:-1]:  # the first member that accepts the value (e.g. str | list[str])
+            try:
+                return _coerce(value, candidate, key, source)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key, source)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
