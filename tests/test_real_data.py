@@ -176,3 +176,38 @@ def _demo(tmp_path: Path) -> Path:
     from dist_tempnet.data import write_image_text_shards
 
     return write_image_text_shards([(np.zeros((4, 4, 3), np.uint8), "a")], tmp_path / "demo", "train")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
+def test_make_shards_from_pairs(tmp_path: Path, tokenizer, suffix: str) -> None:
+    import pandas as pd
+
+    from dist_tempnet.commands.cli import main
+
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i in range(7):
+        Image.fromarray(np.full((30, 50, 3), 30 * i, np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+        rows.append({"file": f"imgs/{i}.png", "text": f"picture {i}"})
+    (tmp_path / "imgs" / "3.png").write_bytes(b"corrupt")  # undecodable: skipped and counted
+    rows.append({"file": "imgs/missing.png", "text": "picture 9"})  # missing: skipped and counted
+    table = pd.DataFrame(rows)
+    pairs = tmp_path / f"pairs{suffix}"
+    {".csv": lambda: table.to_csv(pairs, index=False), ".parquet": lambda: table.to_parquet(pairs),
+     ".jsonl": lambda: table.to_json(pairs, orient="records", lines=True)}[suffix]()  # fmt: skip
+    out = tmp_path / "shards"
+    argv = ["make-shards", "--pairs", str(pairs), "--out", str(out), "--image-column", "file",
+            "--caption-column", "text", "--image-size", "16", "--samples-per-shard", "3"]  # fmt: skip
+    assert main(argv) == 0
+    stats = [json.loads((out / f"{i:09d}_stats.json").read_text()) for i in range(3)]
+    assert [s["successes"] for s in stats] == [3, 2, 1]
+    assert sum(s["failed_to_resize"] for s in stats) == 1 and stats[2]["failed_to_download"] == 1
+    manifest = resolve_manifest(out, "train")  # indexed: trainable as it is
+    assert manifest.num_samples == 6 and [s.num_samples for s in manifest.shards] == [3, 2, 1]
+    batch = next(iter(eval_batches(manifest, batch_size=6, tokenizer=tokenizer)))
+    assert batch["pixel_values"].shape == (6, 3, 16, 16)
+    assert batch["sample_ids"].tolist() == list(range(6))
+    with pytest.raises(
+        ValueError, match=r"pairs\.\w+: no column\(s\) \['image', 'caption'\]; it has \['file', 'text'\]"
+    ):
+        main(["make-shards", "--pairs", str(pairs), "--out", str(tmp_path / "other")])
