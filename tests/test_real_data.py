@@ -211,3 +211,66 @@ def test_make_shards_from_pairs(tmp_path: Path, tokenizer, suffix: str) -> None:
         ValueError, match=r"pairs\.\w+: no column\(s\) \['image', 'caption'\]; it has \['file', 'text'\]"
     ):
         main(["make-shards", "--pairs", str(pairs), "--out", str(tmp_path / "other")])
+
+
+@pytest.mark.multiproc
+def test_resume_after_kill_on_url_shards_then_eval_logs_benchmarks(http_root, tmp_path: Path) -> None:
+    """img2dataset shards read over HTTP: a worker is SIGKILLed mid-epoch, the run resumes from its
+    checkpoint and still trains on every sample of the epoch exactly once; then `dist-tempnet eval`
+    runs ImageFolder zero-shot and Karpathy retrieval on the checkpoint and logs them to MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.commands.cli import main
+    from dist_tempnet.runtime.faults import seen_ids_by_epoch
+    from tests.test_checkpoint import _train
+
+    root, url = http_root
+    for shard in range(8):  # 8 shards x 8 samples; 2 ranks x 4 shards; 16 per step -> 4 steps per epoch
+        write_img2dataset_shard(root, shard, 8)
+    index_dir = tmp_path / "index"
+    index_shards(f"{url}/{{000000000..000000007}}.tar", index_dir)
+    tok = tmp_path / "tokenizer.json"
+    words = ["picture of shard red green blue a photo square"] + [str(i) for i in range(10)]
+    tok.write_text(build_word_level_tokenizer(words).to_str())
+    ckpt, seen, once = tmp_path / "ckpt", tmp_path / "seen", tmp_path / "once"
+    extra = [f"data.tokenizer={tok}", "data.train_crop_scale=[0.5, 1.0]"]
+    env = {"DIST_TEMPNET_SEEN_IDS": str(seen), "DIST_TEMPNET_FAULT": f"kill_rank=1,step=3,once_file={once}"}
+    with pytest.raises(Exception, match="(?i)signal|exit"):
+        _train(2, index_dir, ckpt, steps=4, env=env, extra=extra)
+    resumed = _train(2, index_dir, ckpt, steps=4, env=env, extra=extra)
+    assert [r["resumed_step"] for r in resumed] == [2, 2] and resumed[0]["step"] == 4
+    by_epoch = seen_ids_by_epoch(seen)
+    assert sorted(by_epoch[0]) == list(range(64)), "a sample was skipped or repeated across the kill"
+
+    tree = _color_tree(tmp_path / "val")
+    karpathy = _karpathy(tmp_path / "flickr")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    argv = ["eval", "--checkpoint", str(ckpt), "--zero-shot", str(tree), "--templates", "simple",
+            "--retrieval", str(karpathy), "--log-to-mlflow", "--new-run", "--tracking-uri", uri]  # fmt: skip
+    assert main(argv) == 0
+    (run,) = MlflowClient(tracking_uri=uri).search_runs(
+        [e.experiment_id for e in MlflowClient(tracking_uri=uri).search_experiments()]
+    )
+    metrics = run.data.metrics
+    assert metrics["eval/zeroshot/num_images"] == 6 and 0 <= metrics["eval/zeroshot/top1"] <= 1
+    assert metrics["eval/retrieval/num_captions"] == 6
+    assert metrics["eval/retrieval/t2i_recall_at_5"] == 1.0  # 3 images: the top 5 holds them all
+
+
+def _color_tree(root: Path) -> Path:
+    for name, value in (("red", (200, 0, 0)), ("green", (0, 200, 0)), ("blue", (0, 0, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 24, 3), value, np.uint8)).save(root / name / f"{i}.jpg")
+    return root
+
+
+def _karpathy(root: Path) -> Path:
+    root.mkdir()
+    images = []
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(root / f"{i}.jpg")
+        sentences = [{"raw": f"a photo {i}"}, {"raw": f"picture {i} square"}]
+        images.append({"filename": f"{i}.jpg", "split": "test", "sentences": sentences})
+    (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    return root / "dataset_flickr30k.json"
