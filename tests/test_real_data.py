@@ -274,3 +274,27 @@ def _karpathy(root: Path) -> Path:
         images.append({"filename": f"{i}.jpg", "split": "test", "sentences": sentences})
     (root / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
     return root / "dataset_flickr30k.json"
+
+
+def test_train_crop_is_seeded_per_sample_and_epoch_and_respects_scale() -> None:
+    import random
+
+    from dist_tempnet.data.augment import TrainCrop, random_resized_box
+
+    image = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3))
+    crop = TrainCrop(16, (0.9, 1.0), seed=1)
+    same = np.asarray(crop(image, sample_id=5, epoch=0))
+    assert same.shape == (16, 16, 3) and np.array_equal(same, np.asarray(crop(image, 5, 0)))
+    assert not np.array_equal(np.asarray(TrainCrop(16, (0.1, 0.2))(image, 5, 0)), same)
+    rng = random.Random(0)
+    for _ in range(200):
+        _, _, w, h = random_resized_box(60, 40, (0.5, 0.6), rng)
+        assert 0.45 <= w * h / 2400 <= 0.65  # area share within the scale (up to rounding)
+
+
+def test_data_path_accepts_a_list(tmp_path: Path) -> None:
+    from dist_tempnet.config import load_config
+
+    cfg = load_config(None, [f"data.path=[{tmp_path}/a.tar, {tmp_path}/b.tar]"])
+    assert cfg.data.path == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
+    assert load_config(None, ["data.path=shards/{000..009}.tar"]).data.path == "shards/{000..009}.tar"

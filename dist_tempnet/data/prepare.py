@@ -16,6 +16,10 @@ def prepare_data(cfg: Config) -> None:
     other sources resolve to an index before any worker starts."""
     from dist_tempnet.data.manifest import resolve_manifest
 
+    for key in ("zero_shot_path", "retrieval_path", "retrieval_images"):
+        value = getattr(cfg.eval, key)
+        if value and not is_remote(value) and not Path(value).exists():
+            raise FileNotFoundError(f"eval.{key}: '{value}' does not exist")
     source = cfg.data.path
     local_dir = isinstance(source, str) and not is_remote(source) and not _has_wildcards(source)
     if local_dir and not Path(source).exists():
