@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers in training")
+    p.add_argument("--rounds", type=int, default=2, help="alternating local/URL training runs")
     args = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dist_tempnet.data.index import index_shards
@@ -107,15 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/{{{0:09d}..{args.shards - 1:09d}}}.tar"
     index_shards(url, work / "index_url", workers=2)
-    local = train_rate(work / "index_stats", tokenizer, args.steps, args.warmup, args.num_workers)
-    remote = train_rate(work / "index_url", tokenizer, args.steps, args.warmup, args.num_workers)
+    # Alternate local / URL runs: on a shared machine the load drifts, alternation spreads it evenly.
+    rates: dict[str, list[float]] = {"local": [], "url": []}
+    for _ in range(args.rounds):
+        for name, index in (("local", work / "index_stats"), ("url", work / "index_url")):
+            rates[name].append(train_rate(index, tokenizer, args.steps, args.warmup, args.num_workers))
+    local, remote = statistics.median(rates["local"]), statistics.median(rates["url"])
     server.shutdown()
     print(f"samples: {n} in {args.shards} shards, {args.image_size}px JPEG")
     print(f"index-shards reading every tar (2 processes): {read_rate:,.0f} samples/s")
     print(f"index-shards from _stats.json:                {stats_rate:,.0f} samples/s")
     print(f"training (tiny CLIP, iSogCLR+TempNet, batch 64, {args.num_workers} loader workers):")
-    print(f"  local files  {local:8.1f} samples/s")
-    print(f"  http:// URLs {remote:8.1f} samples/s   (URL / local = {remote / local:.3f})")
+    print(f"  local files  {local:8.1f} samples/s  (runs: {', '.join(f'{r:.1f}' for r in rates['local'])})")
+    print(f"  http:// URLs {remote:8.1f} samples/s  (runs: {', '.join(f'{r:.1f}' for r in rates['url'])})")
+    print(f"  URL / local = {remote / local:.3f}")
     return 0
 
 
