@@ -23,13 +23,13 @@ from typing import Any
 
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from dist_tempnet.data.atomic import write_json_atomic
 from dist_tempnet.data.manifest import (
     FORMAT_NAME,
     IMAGE_FIELDS,
     INDEX_VERSION,
     MANIFEST_NAME,
     Manifest,
+    manifest_from_dict,
     read_manifest,
     write_manifest,
 )
@@ -221,12 +221,7 @@ def index_without_reading(source: Any, split: str = "train") -> Manifest:
             "`dist-tempnet index-shards SOURCE --out INDEX_DIR` once and set data.path to INDEX_DIR"
         )
     raw = _index_dict(_entries(counts, 0, None), (), split, {"source": str(source)})
-    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    # Validate through the one reader (writing nothing): same checks as a stored index.
-    from dist_tempnet.data.manifest import _to_manifest, _validate
-
-    _validate(raw, tmp / f"<index of {source}>")
-    return _to_manifest(raw, tmp / MANIFEST_NAME, str(tmp))
+    return manifest_from_dict(raw, f"<index of {source}>")
 
 
-__all__ = ["ShardCount", "count_shard", "index_shards", "index_without_reading", "write_json_atomic"]
+__all__ = ["ShardCount", "count_shard", "index_shards", "index_without_reading"]

@@ -157,6 +157,12 @@ def read_manifest(dir_or_json: str | Path) -> Manifest:
     return _to_manifest(raw, path.resolve(), str(path.resolve().parent))
 
 
+def manifest_from_dict(raw: dict[str, Any], name: str) -> Manifest:
+    """A manifest held in memory (absolute shard URLs), validated like a stored one."""
+    _validate(raw, Path(name))
+    return _to_manifest(raw, Path(name), "/", location=name)
+
+
 def _read_remote_manifest(url: str) -> Manifest:
     """An index read by URL (https://, s3://, ...); relative shard paths are relative to its URL."""
     if not url.endswith(".json"):
