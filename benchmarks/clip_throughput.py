@@ -90,7 +90,7 @@ def run_one(loss: str, source: str, overrides: list[str], steps: int, warmup: in
     trainer = Trainer(cfg, None, LocalSink(Path(tempfile.mkdtemp()) / "ckpt", keep_last=1))
     if source == "random":
         first = to_device(next(trainer.batches), trainer.device)
-        first["pixel_values"] = torch.randn_like(first["pixel_values"])
+        first["pixel_values"] = torch.randint_like(first["pixel_values"], 0, 256)
         trainer.batches = FixedBatch(first, trainer.task.num_samples)
     timed = TimedIterator(trainer.batches)
     trainer.batches = timed

@@ -62,9 +62,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    # Directory holding dataset.json (see dist_tempnet.data). With `demo: true` a missing
-    # directory is created by `dist-tempnet make-shards` semantics before workers start.
-    path: str = "data/demo_clip"
+    # A dataset root or directory holding dataset.json (make-shards output, or an index written by
+    # `dist-tempnet index-shards`), or shards written elsewhere: a directory of img2dataset .tar files
+    # (with _stats.json), a brace pattern (`cc12m/{00000..01242}.tar`), a list, or URLs (https://,
+    # s3://, gs://, pipe:...). With `demo: true` a missing directory gets the demo data first.
+    path: str | list[str] = "data/demo_clip"
     demo: bool = True
     train_split: str = "train"
     eval_split: str = "eval"
@@ -74,6 +76,11 @@ class DataConfig:
     allow_corrupt: bool = False
     image_size: int = 32
     max_text_len: int = 16
+    # Shards written elsewhere (img2dataset): the caption field; images may be jpg/jpeg/png/webp.
+    caption_key: str = "txt"
+    # Training images: random resized crop with this area scale (OpenCLIP's default); eval center-crops.
+    # An empty list: center-crop in training too.
+    train_crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
     seq_len: int = 128  # LM token shards
     demo_num_train: int = 4096
     demo_num_eval: int = 512
@@ -154,6 +161,16 @@ class EvalConfig:
     every: int = 0  # 0: only at the end
     zero_shot: bool = True
     max_batches: int = 0  # 0: the whole eval split
+    # Standard benchmarks (tasks/clip_benchmarks.py), each run when its path is set:
+    # zero-shot on an ImageFolder tree (root/<class_dir>/*.jpg) or shards/an index with a `cls` field,
+    zero_shot_path: str = ""
+    classnames: str = ""  # imagenet | a file (one per line / JSON list) | "": directory names
+    templates: str = "openai"  # openai (80 templates) | simple | a file of templates with {}
+    # retrieval on a Karpathy-split JSON (Flickr30k/COCO) or shards with several captions per image.
+    retrieval_path: str = ""
+    retrieval_images: str = ""  # image root for the Karpathy JSON (default: the JSON's directory)
+    retrieval_split: str = "test"
+    batch_size: int = 0  # 0: train.micro_batch_size
 
 
 @dataclass
@@ -198,7 +215,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, source)
+        for candidate in args[:-1]:  # the first member that accepts the value (e.g. str | list[str])
+            try:
+                return _coerce(value, candidate, key, source)
+            except ConfigError:
+                pass
+        return _coerce(value, args[-1], key, source)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{source}: key '{key}' expects a list, got {value!r}")
@@ -380,6 +402,14 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(bool(cfg.data.path), source, "data.path", "must name a dataset directory")
     _check(cfg.data.shuffle_buffer >= 0, source, "data.shuffle_buffer", "must be >= 0")
+    scale = cfg.data.train_crop_scale
+    _check(
+        scale == [] or (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1),
+        source,
+        "data.train_crop_scale",
+        f"must be [] or [min, max] with 0 < min <= max <= 1, got {scale}",
+    )
+    _check(bool(cfg.data.caption_key), source, "data.caption_key", "must name the caption field (e.g. txt)")
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")
     _check(0 < lo.gamma <= 1, source, "loss.gamma", f"must be in (0, 1], got {lo.gamma}")

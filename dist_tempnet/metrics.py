@@ -34,19 +34,98 @@ def recall_at_k(
     """Query i's true match is gallery i. Recall@k = share of queries whose match ranks in the top k.
 
     Ties count against the query (a match only counts when strictly fewer items score higher)."""
-    sims = F.normalize(query.float(), dim=-1) @ F.normalize(gallery.float(), dim=-1).t()
-    true = sims.diagonal().unsqueeze(1)
-    rank = (sims >= true).sum(dim=1) - 1  # 0 = best; the match itself is the one subtracted
-    return {k: float((rank < k).float().mean()) for k in ks}
+    hits = _t2i_hits(query, gallery, torch.arange(query.shape[0], device=query.device), tuple(ks), 4096)
+    return {k: float(h) / max(1, query.shape[0]) for k, h in hits.items()}
+
+
+def _t2i_hits(
+    texts: torch.Tensor, images: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...], chunk: int
+) -> dict[int, int]:
+    """Per k: how many texts (queries) have their own image among the top k images."""
+    texts, images = F.normalize(texts.float(), dim=-1), F.normalize(images.float(), dim=-1)
+    hits = dict.fromkeys(ks, 0)
+    for start in range(0, texts.shape[0], chunk):  # memory O(chunk x gallery)
+        sims = texts[start : start + chunk] @ images.t()
+        own = text_image[start : start + chunk].to(sims.device)
+        true = sims.gather(1, own.unsqueeze(1))
+        rank = (sims >= true).sum(dim=1) - 1  # ties count against the query
+        for k in ks:
+            hits[k] += int((rank < k).sum())
+    return hits
+
+
+def _i2t_hits(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    text_image: torch.Tensor,
+    image_offset: int,
+    ks: tuple[int, ...],
+    chunk: int,
+) -> dict[int, int]:
+    """Per k: how many images (queries; global indices from ``image_offset``) have ANY of their
+    captions among the top k captions."""
+    images, texts = F.normalize(images.float(), dim=-1), F.normalize(texts.float(), dim=-1)
+    text_image = text_image.to(texts.device)
+    hits = dict.fromkeys(ks, 0)
+    for start in range(0, images.shape[0], chunk):
+        sims = images[start : start + chunk] @ texts.t()  # [c, captions]
+        index = torch.arange(start, start + sims.shape[0], device=sims.device) + image_offset
+        own = text_image.unsqueeze(0) == index.unsqueeze(1)
+        best = sims.masked_fill(~own, float("-inf")).max(dim=1, keepdim=True).values
+        rank = ((sims >= best) & ~own).sum(dim=1)  # other captions scoring at least the best own one
+        for k in ks:
+            hits[k] += int((rank < k).sum())
+    return hits
+
+
+def multi_caption_retrieval(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: Iterable[int] = (1, 5, 10),
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    """Image↔text recall@k with several captions per image (Flickr30k/COCO: 5).
+
+    ``text_image[j]`` is the index of caption j's image. t2i R@k: the caption's own image is in
+    the top k images; i2t R@k: any of the image's captions is in the top k captions. Queries are
+    processed in chunks against the whole gallery (memory O(chunk x gallery)); under
+    torch.distributed each rank takes a contiguous slice of the queries and the hit counts are
+    summed, so no rank does the full n x n work.
+    """
+    ks = tuple(ks)
+    if text_image.shape[0] != text_emb.shape[0]:
+        raise ValueError(f"text_image has {text_image.shape[0]} entries for {text_emb.shape[0]} captions")
+    world, rank = comm.world_size(), comm.rank()
+    n_img, n_txt = image_emb.shape[0], text_emb.shape[0]
+    i0, i1 = n_img * rank // world, n_img * (rank + 1) // world
+    t0, t1 = n_txt * rank // world, n_txt * (rank + 1) // world
+    i2t = _i2t_hits(image_emb[i0:i1], text_emb, text_image, i0, ks, chunk_size)
+    t2i = _t2i_hits(text_emb[t0:t1], image_emb, text_image[t0:t1], ks, chunk_size)
+    counts = torch.tensor([*i2t.values(), *t2i.values()], dtype=torch.float64, device=image_emb.device)
+    if world > 1:
+        counts = comm.all_reduce_sum(counts)
+    out = {}
+    for j, k in enumerate(ks):
+        out[f"i2t_recall_at_{k}"] = float(counts[j]) / max(1, n_img)
+        out[f"t2i_recall_at_{k}"] = float(counts[len(ks) + j]) / max(1, n_txt)
+    return out
 
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, ks=(1, 5, 10)) -> dict[str, float]:
-    out = {}
-    for k, v in recall_at_k(image_emb, text_emb, ks).items():
-        out[f"i2t_recall_at_{k}"] = v
-    for k, v in recall_at_k(text_emb, image_emb, ks).items():
-        out[f"t2i_recall_at_{k}"] = v
-    return out
+    """One caption per image (caption i belongs to image i)."""
+    index = torch.arange(text_emb.shape[0], device=text_emb.device)
+    return multi_caption_retrieval(image_emb, text_emb, index, ks)
+
+
+def zero_shot_topk(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)
+) -> dict[int, int]:
+    """Per k: how many images have their label among the k best-scoring classes."""
+    logits = F.normalize(image_emb.float(), dim=-1) @ class_emb.float().t()
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    correct = top == labels.to(top.device).unsqueeze(1)
+    return {k: int(correct[:, :k].any(dim=1).sum()) for k in ks}
 
 
 def perplexity(total_nll: float, num_tokens: int) -> float:

@@ -31,6 +31,7 @@ from dist_tempnet.data import (
     write_image_text_shards,
 )
 from dist_tempnet.data.demo_clip import CLASS_NAMES, PROMPT_TEMPLATES
+from dist_tempnet.data.pipeline import normalize_pixels
 from dist_tempnet.data.shards import ShardSetWriter
 from dist_tempnet.data.text_tokenizer import (
     BPE_EOS,
@@ -104,9 +105,10 @@ def test_writer_round_trip_ids_captions_pixels(tmp_path: Path) -> None:
     batches = list(eval_batches(tmp_path, "train", batch_size=4, tokenizer=tmp_path / "tok.json"))
     assert ids_of(batches) == list(range(10))
     pixels = torch.cat([b["pixel_values"] for b in batches])
-    assert pixels.dtype == torch.float32 and pixels.shape == (10, 3, 8, 8)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (10, 3, 8, 8)  # normalized on the device
+    normalized = normalize_pixels(pixels)
     mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    restored = (pixels * std + mean) * 255
+    restored = (normalized * std + mean) * 255
     expected = torch.tensor([10.0 * i for i in range(10)]).view(10, 1, 1, 1).expand_as(restored)
     assert torch.allclose(restored, expected, atol=1e-3)
     assert torch.cat([b["labels"] for b in batches]).tolist() == [i % 3 for i in range(10)]
@@ -253,7 +255,7 @@ def test_batch_keys_dtypes_and_resize(clip_root, caption_tokenizer) -> None:
     with stream:
         batch = next(stream)
     assert set(batch) == {"pixel_values", "input_ids", "attention_mask", "sample_ids", "labels"}
-    assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["pixel_values"].dtype == torch.float32
+    assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["pixel_values"].dtype == torch.uint8
     assert batch["input_ids"].shape == (4, 20) and batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].dtype == torch.long and batch["sample_ids"].dtype == torch.long
     assert (batch["input_ids"][:, 0] == caption_tokenizer.bos_token_id).all()

@@ -13,6 +13,7 @@ from dist_tempnet.runtime.logs import configure_logging
 COMMAND_MODULES = (
     "train",
     "make_shards",
+    "index_shards",
     "eval",
     "export",
     "generate",

@@ -22,9 +22,11 @@ from dist_tempnet.runtime.evaluation import (
     EvalResult,
     check_run_exists,
     evaluate_checkpoint,
+    evaluate_exported,
     log_results,
     resolve_checkpoint_dir,
 )
+from dist_tempnet.runtime.tracking import resolve_tracking_uri
 
 
 def format_results(result: EvalResult) -> str:
@@ -41,12 +43,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--checkpoint",
-        required=True,
         type=Path,
         help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
     )
+    which.add_argument(
+        "--model", type=Path, help="a CLIP model directory written by `dist-tempnet export` (benchmarks only)"
+    )
+    bench = p.add_argument_group("standard CLIP benchmarks (override the training config's eval.*)")
+    bench.add_argument(
+        "--zero-shot",
+        dest="zero_shot_path",
+        help="ImageFolder tree (root/<class>/*.jpg, e.g. ImageNet val) or shards/index with a cls field",
+    )
+    bench.add_argument(
+        "--classnames", help="imagenet (built in) | a file of class names (default: dir names)"
+    )
+    bench.add_argument(
+        "--templates", help="openai (80 templates, default) | simple | a file with {} templates"
+    )
+    bench.add_argument(
+        "--retrieval",
+        dest="retrieval_path",
+        help="Karpathy-split JSON (Flickr30k/COCO) or multi-caption shards",
+    )
+    bench.add_argument("--retrieval-images", help="image root of the Karpathy JSON (default: its directory)")
+    bench.add_argument("--retrieval-split", help="Karpathy split (default: test)")
+    bench.add_argument("--num-workers", type=int, default=0, help="image decoding workers (--model)")
     p.add_argument(
         "--data", default=None, help="dataset directory to evaluate on (default: the training data)"
     )
@@ -95,12 +120,24 @@ def _preflight_mlflow(args: argparse.Namespace) -> str:
     return uri
 
 
+BENCHMARK_KEYS = (
+    "zero_shot_path", "classnames", "templates", "retrieval_path", "retrieval_images", "retrieval_split",
+)  # fmt: skip
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    benchmarks = {key: getattr(args, key) for key in BENCHMARK_KEYS}
     try:
-        uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
-        result = evaluate_checkpoint(
-            args.checkpoint, args.data, args.split, args.max_batches, args.batch_size
-        )
+        if args.model is not None:
+            result = evaluate_exported(args.model, benchmarks, args.batch_size or 64, args.num_workers)
+            uri = resolve_tracking_uri(args.tracking_uri) if args.log_to_mlflow else ""
+            if args.log_to_mlflow and result.source_run_id and not args.new_run:
+                check_run_exists(uri, args.run_id or result.source_run_id)
+        else:
+            uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
+            result = evaluate_checkpoint(
+                args.checkpoint, args.data, args.split, args.max_batches, args.batch_size, benchmarks
+            )
         print(format_results(result))
         if args.json:
             args.json.write_text(

@@ -7,7 +7,9 @@ training streams per rank), :func:`eval_batches` (one ordered pass), :func:`read
 
 from dist_tempnet.data.demo_clip import make_demo_clip_dataset
 from dist_tempnet.data.demo_text import make_demo_text_dataset
+from dist_tempnet.data.index import index_shards
 from dist_tempnet.data.manifest import Manifest, ManifestError, ShardInfo, read_manifest, resolve_manifest
+from dist_tempnet.data.pairs import make_pair_shards
 from dist_tempnet.data.pipeline import (
     CLIP_MEAN,
     CLIP_STD,
@@ -33,9 +35,11 @@ __all__ = [
     "ShardInfo",
     "clip_batches",
     "eval_batches",
+    "index_shards",
     "load_text_tokenizer",
     "make_demo_clip_dataset",
     "make_demo_text_dataset",
+    "make_pair_shards",
     "make_token_shards",
     "read_manifest",
     "resolve_manifest",

@@ -15,6 +15,13 @@ Schema (version 1)::
     }
 
 The manifest is written last and atomically, so its presence is what marks a split as complete.
+
+Version 2 is the same object written by ``dist-tempnet index-shards`` for shards it did not write
+(img2dataset output, anything webdataset reads): shard ``path`` may be a URL, ``fields`` may be empty,
+a shard may hold 0 samples, and an entry may carry ``failed`` (samples img2dataset counted as failed).
+In both versions a sample's id is its shard's ``id_range[0]`` plus its position in the shard (demo
+shards additionally store that id in each sample). The index is O(shards), never O(samples), and
+appending shards appends ids, so existing ids never change.
 """
 
 from __future__ import annotations
@@ -26,10 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from dist_tempnet.data.atomic import write_json_atomic
+from dist_tempnet.data.sources import dirname, is_remote, join, local_path, read_bytes
 
 MANIFEST_NAME = "dataset.json"
 FORMAT_NAME = "dist_tempnet.shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # what make-shards writes
+INDEX_VERSION = 2  # what index-shards writes
+VERSIONS = (FORMAT_VERSION, INDEX_VERSION)
 KINDS = ("image_text", "tokens")
 REQUIRED_FIELDS = {"image_text": ("id", "txt"), "tokens": ("id", "ids.npy")}
 IMAGE_FIELDS = ("png", "jpg", "jpeg", "webp")
@@ -41,15 +51,21 @@ class ManifestError(ValueError):
 
 @dataclass(frozen=True)
 class ShardInfo:
-    path: Path  # absolute
-    num_samples: int
+    url: str  # absolute local path or URL (see data.sources)
+    num_samples: int  # slots: a sample's id is id_start + its position in the shard
     id_start: int
     id_stop: int  # exclusive
     num_bytes: int | None = None
+    failed: int = 0  # samples img2dataset (or the indexer) found unusable; their slots stay unused
 
     @property
-    def url(self) -> str:
-        return str(self.path)
+    def path(self) -> Path:
+        """The local file (only for local shards)."""
+        return local_path(self.url)
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -63,10 +79,16 @@ class Manifest:
     fields: tuple[str, ...]
     shards: tuple[ShardInfo, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+    location: str = ""  # the URL or path it was read from
 
     @property
     def dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.location or str(self.path)
 
     def resolve(self, relative: str | None) -> Path | None:
         """Resolve a path stored in the metadata (relative to the manifest's directory)."""
@@ -120,6 +142,8 @@ def write_manifest(split_dir: Path, manifest: dict[str, Any]) -> Path:
 
 def read_manifest(dir_or_json: str | Path) -> Manifest:
     """Read and validate a split's manifest (the ``dataset.json`` file or the directory holding it)."""
+    if is_remote(str(dir_or_json)):
+        return _read_remote_manifest(str(dir_or_json))
     path = Path(dir_or_json)
     if path.is_dir() or path.suffix != ".json":
         path = path / MANIFEST_NAME
@@ -130,11 +154,35 @@ def read_manifest(dir_or_json: str | Path) -> Manifest:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
     _validate(raw, path)
-    return _to_manifest(raw, path.resolve())
+    return _to_manifest(raw, path.resolve(), str(path.resolve().parent))
+
+
+def manifest_from_dict(raw: dict[str, Any], name: str) -> Manifest:
+    """A manifest held in memory (absolute shard URLs), validated like a stored one."""
+    _validate(raw, Path(name))
+    return _to_manifest(raw, Path(name), "/", location=name)
+
+
+def _read_remote_manifest(url: str) -> Manifest:
+    """An index read by URL (https://, s3://, ...); relative shard paths are relative to its URL."""
+    if not url.endswith(".json"):
+        url = url.rstrip("/") + "/" + MANIFEST_NAME
+    try:
+        data = read_bytes(url)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"no dataset manifest at {url} ({exc})") from exc
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{url}: not valid JSON ({exc})") from exc
+    _validate(raw, Path(url))
+    return _to_manifest(raw, Path(url), dirname(url), location=url)
 
 
 def resolve_manifest(
-    manifest_or_dir: str | Path | Manifest, split: str | None = None, default_split: str | None = None
+    manifest_or_dir: str | Path | list[str] | Manifest,
+    split: str | None = None,
+    default_split: str | None = None,
 ) -> Manifest:
     """Find a split's manifest from a Manifest, a dataset.json path, a split dir or a dataset root.
 
@@ -144,6 +192,14 @@ def resolve_manifest(
     """
     if isinstance(manifest_or_dir, Manifest):
         manifest = manifest_or_dir
+    elif not _names_a_manifest(manifest_or_dir):
+        # Shards without an index (a directory of img2dataset tars, a brace pattern, URLs): the
+        # index is built from their _stats.json files, or the error says to run index-shards.
+        from dist_tempnet.data.index import index_without_reading
+
+        manifest = index_without_reading(manifest_or_dir, split=split or default_split or "train")
+    elif is_remote(str(manifest_or_dir)):
+        manifest = read_manifest(str(manifest_or_dir))
     else:
         path = Path(manifest_or_dir)
         wanted = split or default_split
@@ -156,6 +212,19 @@ def resolve_manifest(
     if split is not None and manifest.split != split:
         raise ValueError(f"{manifest.path}: holds split {manifest.split!r}, but split {split!r} was asked")
     return manifest
+
+
+def _names_a_manifest(source: Any) -> bool:
+    """Whether ``source`` is (or holds) a dataset.json rather than bare shards."""
+    if isinstance(source, (list, tuple)):
+        return False
+    text = str(source)
+    if is_remote(text):
+        return text.endswith(".json") or text.endswith("/")
+    if any(c in text for c in "{}") or "::" in text or text.endswith(".tar"):
+        return False
+    path = Path(text)
+    return not (path.is_dir() and not (path / MANIFEST_NAME).exists() and any(path.glob("*.tar")))
 
 
 # ----------------------------------------------------------------------------------------- validation
@@ -217,33 +286,38 @@ def _validate(raw: Any, path: Path) -> None:
     if not isinstance(raw, dict):
         raise ManifestError(f"{path}: expected a JSON object at the top level, got {type(raw).__name__}")
     _require(raw, "format", lambda x: x == FORMAT_NAME, repr(FORMAT_NAME), path)
-    _require(raw, "version", lambda x: x == FORMAT_VERSION, f"{FORMAT_VERSION}", path)
+    version = _require(raw, "version", lambda x: x in VERSIONS, f"one of {VERSIONS}", path)
     kind = _require(raw, "kind", lambda x: x in KINDS, f"one of {KINDS}", path)
     _require(raw, "split", lambda x: isinstance(x, str) and x != "", "a non-empty string", path)
     num_samples = _require(raw, "num_samples", _is_int, "an int >= 0", path)
     id_range = _require(raw, "id_range", _is_range, "[start, stop] with 0 <= start <= stop", path)
     fields = _require(raw, "fields", _is_str_list, "a list of field names", path)
-    for needed in REQUIRED_FIELDS[kind]:
-        if needed not in fields:
-            raise _fail(path, "fields", f"a list containing {needed!r} for kind {kind!r}", fields)
-    if kind == "image_text" and not any(f in fields for f in IMAGE_FIELDS):
-        raise _fail(path, "fields", f"a list containing one image field of {IMAGE_FIELDS}", fields)
+    if version == FORMAT_VERSION:  # an index of shards written elsewhere need not know their fields
+        for needed in REQUIRED_FIELDS[kind]:
+            if needed not in fields:
+                raise _fail(path, "fields", f"a list containing {needed!r} for kind {kind!r}", fields)
+        if kind == "image_text" and not any(f in fields for f in IMAGE_FIELDS):
+            raise _fail(path, "fields", f"a list containing one image field of {IMAGE_FIELDS}", fields)
     shards = _require(raw, "shards", lambda x: isinstance(x, list) and len(x) > 0, "a non-empty list", path)
-    _validate_shards(shards, id_range, num_samples, path)
+    _validate_shards(shards, id_range, num_samples, path, min_count=0 if version == INDEX_VERSION else 1)
     metadata = _require(raw, "metadata", lambda x: isinstance(x, dict), "an object", path)
     for key, required, check, expected in _METADATA_RULES[kind]:
         if key in metadata or required:
             _require(metadata, key, check, expected, path, prefix="metadata.")
 
 
-def _validate_shards(shards: list[Any], id_range: list[int], num_samples: int, path: Path) -> None:
+def _validate_shards(
+    shards: list[Any], id_range: list[int], num_samples: int, path: Path, min_count: int = 1
+) -> None:
     next_id = id_range[0]
     for i, shard in enumerate(shards):
         prefix = f"shards[{i}]."
         if not isinstance(shard, dict):
             raise _fail(path, f"shards[{i}]", "an object", shard)
         _require(shard, "path", lambda x: isinstance(x, str) and x != "", "a non-empty path", path, prefix)
-        count = _require(shard, "num_samples", lambda x: _is_int(x, 1), "an int >= 1", path, prefix)
+        count = _require(
+            shard, "num_samples", lambda x: _is_int(x, min_count), f"an int >= {min_count}", path, prefix
+        )
         start, stop = _require(shard, "id_range", _is_range, "[start, stop]", path, prefix)
         if start != next_id or stop - start != count:
             raise _fail(
@@ -251,6 +325,8 @@ def _validate_shards(shards: list[Any], id_range: list[int], num_samples: int, p
             )
         if "bytes" in shard:
             _require(shard, "bytes", lambda x: _is_int(x, 1), "an int >= 1", path, prefix)
+        if "failed" in shard:
+            _require(shard, "failed", _is_int, "an int >= 0", path, prefix)
         next_id = stop
     total = next_id - id_range[0]
     if total != num_samples:
@@ -259,14 +335,15 @@ def _validate_shards(shards: list[Any], id_range: list[int], num_samples: int, p
         raise _fail(path, "id_range", f"[{id_range[0]}, {next_id}]", id_range)
 
 
-def _to_manifest(raw: dict[str, Any], path: Path) -> Manifest:
+def _to_manifest(raw: dict[str, Any], path: Path, base: str, location: str = "") -> Manifest:
     shards = tuple(
         ShardInfo(
-            path=(path.parent / s["path"]).resolve(),
+            url=join(base, s["path"]),
             num_samples=s["num_samples"],
             id_start=s["id_range"][0],
             id_stop=s["id_range"][1],
             num_bytes=s.get("bytes"),
+            failed=s.get("failed", 0),
         )
         for s in raw["shards"]
     )
@@ -280,4 +357,6 @@ def _to_manifest(raw: dict[str, Any], path: Path) -> Manifest:
         fields=tuple(raw["fields"]),
         shards=shards,
         metadata=dict(raw["metadata"]),
+        version=raw["version"],
+        location=location,
     )

@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dist_tempnet.data.manifest import Manifest, ShardInfo, resolve_manifest
+from dist_tempnet.data.augment import TrainCrop
+from dist_tempnet.data.manifest import INDEX_VERSION, Manifest, ShardInfo, resolve_manifest
 from dist_tempnet.data.reader import (
     ImageTextDecoder,
     ImageTextSample,
@@ -66,18 +67,24 @@ ManifestLike = str | Path | Manifest
 # ------------------------------------------------------------------------------------------ collation
 
 
+def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> CLIP-normalized floats, on whatever device ``pixels`` is (the GPU in
+    training: batches travel as uint8, a quarter of the bytes of float32)."""
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1).mul_(255.0)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1).mul_(255.0)
+    return pixels.float().sub_(mean).div_(std).to(dtype)
+
+
 @dataclass(frozen=True)
 class ImageTextCollator:
-    """ImageTextSamples -> pixel_values (CLIP-normalized), tokenized captions, sample ids, labels."""
+    """ImageTextSamples -> pixel_values (uint8 [B, 3, H, W]; see normalize_pixels), tokenized
+    captions, sample ids, labels."""
 
     tokenizer: Any
     max_text_len: int
 
     def __call__(self, samples: Sequence[ImageTextSample]) -> dict[str, Any]:
         pixels = torch.from_numpy(np.stack([s.pixels for s in samples]))  # uint8 [B, H, W, 3]
-        pixel_values = pixels.permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         # Fixed-length padding: every step sees the same shapes (no recompiles, no ragged collectives).
         text = self.tokenizer(
             [s.caption for s in samples],
@@ -87,7 +94,7 @@ class ImageTextCollator:
             return_tensors="pt",
         )
         return {
-            "pixel_values": pixel_values.sub_(mean).div_(std),
+            "pixel_values": pixels.permute(0, 3, 1, 2).contiguous(),
             "input_ids": text["input_ids"].long(),
             "attention_mask": text["attention_mask"].long(),
             "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.long),
@@ -165,6 +172,7 @@ class StreamSpec:
     # Resume: per epoch, bool[split ids] of samples an earlier run already consumed (skipped here).
     consumed: dict[int, np.ndarray] | None = None
     worker_offset: int = 0
+    caption_key: str = "txt"
 
 
 @dataclass
@@ -191,7 +199,11 @@ class EpochStream(IterableDataset):
         spec = self.spec
         shards = self.shards_for(epoch, worker, num_workers)
         kind = spec.manifest.kind
-        raw = ((shard, sample) for shard in shards for sample in iter_raw_samples(shard, kind, skips))
+        raw = (
+            (shard, sample)
+            for shard in shards
+            for sample in iter_raw_samples(shard, kind, skips, spec.caption_key)
+        )
         if spec.shuffle and spec.shuffle_buffer > 1:
             # Shuffle encoded samples (small), decode after: the buffer never holds decoded images.
             rng = random.Random(f"dist_tempnet/samples/{spec.seed}/{epoch}/{spec.rank}/{worker}")
@@ -218,9 +230,10 @@ class EpochStream(IterableDataset):
         tally = tally or _EpochTally()
         consumed, base = self._consumed_in(epoch), self.spec.manifest.id_start
         for shard, sample in self._raw_epoch(epoch, worker, num_workers, skips):
-            if consumed is not None and consumed[int(sample["__key__"]) - base]:
+            if consumed is not None and consumed[sample["__id__"] - base]:
                 tally.dropped += 1
                 continue
+            sample["__epoch__"] = epoch  # seeds the training crop (data.augment.TrainCrop)
             decoded = self.spec.decode(sample, shard, skips)
             if decoded is not None:
                 tally.produced += 1
@@ -229,7 +242,7 @@ class EpochStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         spec = self.spec
         worker, num_workers = _worker_position(spec.worker_offset)
-        skips = SkipLog(spec.allow_corrupt)
+        skips = SkipLog(spec.allow_corrupt, tolerate_samples=spec.manifest.version == INDEX_VERSION)
         batch: list[Any] = []
         epochs: list[int] = []
         for epoch in itertools.count(spec.epoch_start):
@@ -253,7 +266,7 @@ class EpochStream(IterableDataset):
                     batch, epochs = [], []
             if tally.produced == 0 and tally.dropped == 0:
                 # Without this, a rank whose shards are all corrupt (allow_corrupt) would spin forever.
-                names = [s.path.name for s in self.shards_for(epoch, worker, num_workers)]
+                names = [s.name for s in self.shards_for(epoch, worker, num_workers)]
                 raise RuntimeError(
                     f"rank {spec.rank} worker {worker}: epoch {epoch} produced no usable samples from "
                     f"shards {names} of {spec.manifest.path} ({skips.count} corrupt skips so far)"
@@ -555,6 +568,7 @@ def _training_stream(
     manifest: Manifest, decode: Callable[..., Any], collate: Callable[[list[Any]], dict[str, Any]],
     batch_size: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int,
     allow_corrupt: bool, epoch_start: int, shuffle: bool, resume: StreamResume | None,
+    caption_key: str = "txt",
 ) -> BatchStream:  # fmt: skip
     """The endless stream both training readers share; they differ only in decode/collate."""
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
@@ -562,7 +576,7 @@ def _training_stream(
     spec = StreamSpec(
         manifest=manifest, rank=rank, world_size=world_size, batch_size=batch_size, seed=seed,
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt, decode=decode,
-        collate=collate, **_resume_fields(resume, epoch_start),
+        collate=collate, caption_key=caption_key, **_resume_fields(resume, epoch_start),
     )  # fmt: skip
     return BatchStream(EpochStream(spec), num_workers, resume)
 
@@ -583,6 +597,8 @@ def clip_batches(
     epoch_start: int = 0,
     shuffle: bool = True,
     resume: StreamResume | None = None,
+    caption_key: str = "txt",
+    crop_scale: tuple[float, float] | None = None,
 ) -> BatchStream:
     """Endless image-text training batches for one rank.
 
@@ -597,10 +613,13 @@ def clip_batches(
     exact data position and overrides ``epoch_start``.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "image_text")
-    decode = ImageTextDecoder(_resolve_image_size(image_size, manifest))
+    size = _resolve_image_size(image_size, manifest)
+    transform = TrainCrop(size, tuple(crop_scale), seed) if crop_scale is not None else None
+    decode = ImageTextDecoder(size, caption_key, transform)
     collate = ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len)
     return _training_stream(manifest, decode, collate, batch_size, rank, world_size, num_workers,
-                            shuffle_buffer, seed, allow_corrupt, epoch_start, shuffle, resume)  # fmt: skip
+                            shuffle_buffer, seed, allow_corrupt, epoch_start, shuffle, resume,
+                            caption_key)  # fmt: skip
 
 
 def token_batches(
@@ -654,6 +673,7 @@ class EvalBatches:
         decode: Callable[..., Any],
         collate: Callable[[list[Any]], dict[str, Any]],
         allow_corrupt: bool,
+        caption_key: str = "txt",
     ) -> None:
         self.manifest = manifest
         self.batch_size = batch_size
@@ -661,6 +681,7 @@ class EvalBatches:
         self.decode = decode
         self.collate = collate
         self.allow_corrupt = allow_corrupt
+        self.caption_key = caption_key
         self.corrupt_skipped = 0
 
     @property
@@ -674,14 +695,14 @@ class EvalBatches:
         for shard in self.manifest.shards:
             if shard.id_stop <= self.id_start or shard.id_start >= self.id_stop:
                 continue
-            for raw in iter_raw_samples(shard, self.manifest.kind, skips):
-                if self.id_start <= int(raw["__key__"]) < self.id_stop:
+            for raw in iter_raw_samples(shard, self.manifest.kind, skips, self.caption_key):
+                if self.id_start <= raw["__id__"] < self.id_stop:
                     decoded = self.decode(raw, shard, skips)
                     if decoded is not None:
                         yield decoded
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        skips = SkipLog(self.allow_corrupt)
+        skips = SkipLog(self.allow_corrupt, tolerate_samples=self.manifest.version == INDEX_VERSION)
         batch: list[Any] = []
         for sample in self._samples(skips):
             batch.append(sample)
@@ -704,6 +725,7 @@ def eval_batches(
     image_size: int | None = None,
     max_text_len: int = DEFAULT_MAX_TEXT_LEN,
     allow_corrupt: bool = False,
+    caption_key: str = "txt",
 ) -> EvalBatches:
     """One ordered pass over a split (image-text or tokens; same batch keys as the training streams).
 
@@ -720,10 +742,10 @@ def eval_batches(
         )
     check_shards_on_disk(manifest, allow_corrupt)
     if manifest.kind == "image_text":
-        decode: Callable[..., Any] = ImageTextDecoder(_resolve_image_size(image_size, manifest))
+        decode: Callable[..., Any] = ImageTextDecoder(_resolve_image_size(image_size, manifest), caption_key)
         collate: Callable[[list[Any]], dict[str, Any]] = ImageTextCollator(
             _resolve_tokenizer(tokenizer, manifest), max_text_len
         )
     else:
         decode, collate = TokenDecoder(manifest.seq_len), collate_tokens
-    return EvalBatches(manifest, rank, world_size, batch_size, decode, collate, allow_corrupt)
+    return EvalBatches(manifest, rank, world_size, batch_size, decode, collate, allow_corrupt, caption_key)

@@ -6,23 +6,47 @@ import logging
 from pathlib import Path
 
 from dist_tempnet.config import Config
+from dist_tempnet.data.sources import is_remote
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: Config) -> None:
-    """Build the embedded demo dataset when asked for and missing (in the driver, once)."""
+    """Build the embedded demo dataset when asked for and missing (in the driver, once); check that
+    other sources resolve to an index before any worker starts."""
+    from dist_tempnet.data.manifest import resolve_manifest
+
+    for key in ("zero_shot_path", "retrieval_path", "retrieval_images"):
+        value = getattr(cfg.eval, key)
+        if value and not is_remote(value) and not Path(value).exists():
+            raise FileNotFoundError(f"eval.{key}: '{value}' does not exist")
+    source = cfg.data.path
+    local_dir = isinstance(source, str) and not is_remote(source) and not _has_wildcards(source)
+    if local_dir and not Path(source).exists():
+        if not cfg.data.demo:
+            raise FileNotFoundError(
+                f"data.path: '{source}' does not exist; build shards with `dist-tempnet make-shards`, "
+                "index shards written elsewhere with `dist-tempnet index-shards`, or set data.demo=true"
+            )
+        _build_demo(cfg, Path(source))
+        return
+    path = Path(source) if local_dir else None
+    if path is not None and (path / cfg.data.train_split / "dataset.json").is_file():
+        return
+    # An index, a dataset.json, or shards written elsewhere (read from their _stats.json files): a
+    # bad source fails here, with a message saying what to do, instead of in every worker.
+    manifest = resolve_manifest(source, cfg.data.train_split)
+    logger.info("data: %s: %d shards, %d samples", manifest.name, len(manifest.shards), manifest.num_samples)
+
+
+def _has_wildcards(source: str) -> bool:
+    return any(c in source for c in "{}") or "::" in source
+
+
+def _build_demo(cfg: Config, path: Path) -> None:
     from dist_tempnet.data.demo_clip import make_demo_clip_dataset
     from dist_tempnet.data.demo_text import make_demo_text_dataset
 
-    path = Path(cfg.data.path)
-    if (path / cfg.data.train_split / "dataset.json").is_file() or (path / "dataset.json").is_file():
-        return
-    if not cfg.data.demo:
-        raise FileNotFoundError(
-            f"data.path: '{path}' holds no dataset.json; build shards with `dist-tempnet make-shards` "
-            "or set data.demo=true for the embedded demo data"
-        )
     logger.info("building demo %s dataset in %s ...", cfg.run.task, path)
     if cfg.run.task == "clip":
         make_demo_clip_dataset(
@@ -38,9 +62,26 @@ def prepare_data(cfg: Config) -> None:
 
 def absolutize_paths(cfg: Config) -> None:
     # Ray workers run in their own working directories: every path they read must be absolute.
-    cfg.data.path = str(Path(cfg.data.path).resolve())
+    cfg.data.path = _absolute(cfg.data.path)
+    for key in ("zero_shot_path", "retrieval_path", "retrieval_images"):
+        value = getattr(cfg.eval, key)
+        if value and value != "imagenet":
+            setattr(cfg.eval, key, _absolute(value))
+    for key in ("classnames", "templates"):
+        value = getattr(cfg.eval, key)
+        if value and Path(value).exists():
+            setattr(cfg.eval, key, str(Path(value).resolve()))
     if cfg.data.tokenizer:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
     cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
+
+
+def _absolute(source: str | list[str]) -> str | list[str]:
+    """Local paths made absolute (brace patterns and ``::`` lists too); URLs kept as they are."""
+    if isinstance(source, list):
+        return [str(_absolute(s)) for s in source]
+    if "::" in source:
+        return "::".join(str(_absolute(s)) for s in source.split("::"))
+    return source if is_remote(source) else str(Path(source).resolve())

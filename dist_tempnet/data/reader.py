@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dist_tempnet.data.manifest import IMAGE_FIELDS, Manifest, ShardInfo
+from dist_tempnet.data.sources import is_remote, open_url
 
 
 class CorruptShardError(ValueError):
@@ -23,23 +24,32 @@ class CorruptShardError(ValueError):
 
 @dataclass
 class SkipLog:
-    """The corrupt-data policy of one reader: raise, or (allow_corrupt) warn, count and go on."""
+    """The corrupt-data policy of one reader: raise, or (allow_corrupt) warn, count and go on.
+
+    ``tolerate_samples``: a bad sample (no caption, undecodable image) is skipped and counted even
+    without allow_corrupt -- the norm for web-scraped shards indexed by index-shards, where a few
+    samples in every million are broken; a damaged tar still follows allow_corrupt.
+    """
 
     allow_corrupt: bool
     count: int = 0
+    tolerate_samples: bool = False
 
-    def corrupt(self, message: str) -> None:
-        if not self.allow_corrupt:
+    def corrupt(self, message: str, sample_level: bool = False) -> None:
+        if not (self.allow_corrupt or (sample_level and self.tolerate_samples)):
             raise CorruptShardError(message)
         self.count += 1
         warnings.warn(f"skipping corrupt data: {message}", RuntimeWarning, stacklevel=3)
 
 
 def check_shards_on_disk(manifest: Manifest, allow_corrupt: bool) -> None:
-    """Fail before iteration starts on a missing shard, or on one whose size differs from the manifest."""
+    """Fail before iteration starts on a missing local shard, or on one whose size differs from the
+    manifest (remote shards are checked when they are read)."""
     for shard in manifest.shards:
+        if is_remote(shard.url):
+            continue
         if not shard.path.is_file():
-            raise FileNotFoundError(f"shard {shard.path} listed in {manifest.path} does not exist")
+            raise FileNotFoundError(f"shard {shard.path} listed in {manifest.name} does not exist")
         size = os.path.getsize(shard.path)
         if shard.num_bytes is not None and size != shard.num_bytes:
             message = (
@@ -59,24 +69,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
-def _sample_problem(raw: dict[str, Any], shard: ShardInfo, kind: str) -> str | None:
-    """Why a raw tar sample is unusable, or None if it is well formed."""
-    key = raw.get("__key__", "")
-    if not key.isdigit():
-        return "key is not a zero-padded sample id"
-    if "id" not in raw:
-        return "missing field 'id'"
-    try:
-        sample_id = int(raw["id"].decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
-        return f"field 'id' is not an integer: {raw['id'][:20]!r}"
-    if sample_id != int(key):
-        return f"field 'id' ({sample_id}) does not match the key"
-    if not shard.id_start <= sample_id < shard.id_stop:
-        return f"id {sample_id} outside the shard's id_range [{shard.id_start}, {shard.id_stop})"
+def _sample_problem(raw: dict[str, Any], kind: str, caption_key: str) -> str | None:
+    """Why a raw tar sample is unusable, or None if it is well formed (``__id__`` already set)."""
+    if "id" in raw:  # shards written by make-shards store the id: it must be the one its slot gives
+        try:
+            stored = int(raw["id"].decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return f"field 'id' is not an integer: {raw['id'][:20]!r}"
+        if stored != raw["__id__"]:
+            return f"field 'id' ({stored}) does not match its position in the shard (id {raw['__id__']})"
     if kind == "image_text":
-        if "txt" not in raw:
-            return "missing field 'txt'"
+        if caption_key not in raw:
+            return f"missing caption field {caption_key!r}"
         if not any(f in raw for f in IMAGE_FIELDS):
             return f"missing an image field (one of {IMAGE_FIELDS})"
     elif "ids.npy" not in raw:
@@ -84,19 +88,23 @@ def _sample_problem(raw: dict[str, Any], shard: ShardInfo, kind: str) -> str | N
     return None
 
 
-def iter_raw_samples(shard: ShardInfo, kind: str, skips: SkipLog) -> Iterator[dict[str, Any]]:
-    """Yield one shard's well-formed raw samples (field -> bytes, plus ``__key__``).
+def iter_raw_samples(
+    shard: ShardInfo, kind: str, skips: SkipLog, caption_key: str = "txt"
+) -> Iterator[dict[str, Any]]:
+    """Yield one shard's well-formed raw samples (field -> bytes, ``__key__``, and ``__id__``: the
+    shard's first id plus the sample's position in the shard).
 
-    A tar-level error ends the shard (the rest of it is skipped as one corrupt event); a shard that
-    parses cleanly but holds fewer or more samples than its manifest entry is corrupt too.
+    The shard is opened through data.sources (local, https://, s3://, pipe:, ...). A tar-level error
+    ends the shard (the rest of it is skipped as one corrupt event); a shard that parses cleanly but
+    holds fewer or more samples than its manifest entry is corrupt too.
     """
     try:
-        handle = open(shard.path, "rb")  # opened here (not by webdataset) so it is always closed
+        handle = open_url(shard.url)  # opened here (not by webdataset) so it is always closed
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"shard {shard.url} vanished before reading ({_describe(exc)})") from exc
     seen = 0
     problems_before = skips.count
-    with handle:
+    try:
         stream = group_by_keys(tar_file_expander([{"url": shard.url, "stream": handle}]))
         while True:
             try:
@@ -106,17 +114,31 @@ def iter_raw_samples(shard: ShardInfo, kind: str, skips: SkipLog) -> Iterator[di
             except Exception as exc:  # tarfile.ReadError, EOFError, ValueError (duplicate names), ...
                 skips.corrupt(f"{shard.url}: unreadable tar data after {seen} samples ({_describe(exc)})")
                 return
+            position = seen
             seen += 1
-            problem = _sample_problem(raw, shard, kind)
+            if position >= shard.num_samples:  # no slot: its id would belong to the next shard
+                continue
+            raw["__id__"] = shard.id_start + position
+            problem = _sample_problem(raw, kind, caption_key)
             if problem is not None:
-                skips.corrupt(f"{shard.url}: sample {raw.get('__key__')!r}: {problem}")
+                skips.corrupt(f"{shard.url}: sample {raw.get('__key__')!r}: {problem}", sample_level=True)
                 continue
             yield raw
+    finally:
+        _close(handle, shard.url, skips)
     if skips.count == problems_before and seen != shard.num_samples:
         skips.corrupt(
             f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
             "(truncated or replaced shard?)"
         )
+
+
+def _close(handle: Any, url: str, skips: SkipLog) -> None:
+    # gopen's pipes (curl, pipe:) report a failed command only when closed.
+    try:
+        handle.close()
+    except Exception as exc:
+        skips.corrupt(f"{url}: reading failed ({_describe(exc)})")
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -144,19 +166,31 @@ class ImageTextSample:
 
 @dataclass(frozen=True)
 class ImageTextDecoder:
+    """Decode one raw sample: the image (any of IMAGE_FIELDS) through ``transform`` (center-crop by
+    default; a random resized crop for training, see data.augment) and the caption."""
+
     image_size: int
+    caption_key: str = "txt"
+    transform: Callable[[Image.Image, int, int], Image.Image] | None = None  # (image, id, epoch)
 
     def __call__(self, raw: dict[str, Any], shard: ShardInfo, skips: SkipLog) -> ImageTextSample | None:
         field = next(f for f in IMAGE_FIELDS if f in raw)
         try:
             with Image.open(io.BytesIO(raw[field])) as image:
-                pixels = np.asarray(fit_image(image.convert("RGB"), self.image_size))
-            caption = raw["txt"].decode("utf-8")
+                image = image.convert("RGB")
+                if self.transform is not None:
+                    fitted = self.transform(image, raw["__id__"], raw.get("__epoch__", 0))
+                else:
+                    fitted = fit_image(image, self.image_size)
+                pixels = np.asarray(fitted)
+            caption = raw[self.caption_key].decode("utf-8")
             label = int(raw["cls"].decode("ascii")) if "cls" in raw else -1
         except Exception as exc:  # PIL.UnidentifiedImageError, OSError (truncated image), decode errors
-            skips.corrupt(f"{shard.url}: sample {raw['__key__']!r}: cannot decode ({_describe(exc)})")
+            skips.corrupt(
+                f"{shard.url}: sample {raw['__key__']!r}: cannot decode ({_describe(exc)})", sample_level=True
+            )
             return None
-        return ImageTextSample(pixels, caption, int(raw["__key__"]), label)
+        return ImageTextSample(pixels, caption, raw["__id__"], label)
 
 
 @dataclass(frozen=True)
@@ -182,4 +216,4 @@ class TokenDecoder:
                 f"{tokens.shape}, expected integer {expected}"
             )
             return None
-        return TokenSample(tokens.astype(np.int64), int(raw["__key__"]))
+        return TokenSample(tokens.astype(np.int64), raw["__id__"])

@@ -11,6 +11,7 @@ meta.json) or to a new run linked to it by tag.
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -194,25 +195,43 @@ def _corrupt_data_errors() -> tuple[type[BaseException], ...]:
     return CorruptShardError, ManifestError
 
 
+def apply_benchmarks(cfg: Config, benchmarks: dict[str, Any] | None) -> bool:
+    """Set the standard-benchmark keys (``eval.zero_shot_path``, ...) given on the command line;
+    returns whether any benchmark is configured (then the data's own eval split is optional)."""
+    for key, value in (benchmarks or {}).items():
+        if value is None:
+            continue
+        if not hasattr(cfg.eval, key):
+            raise EvalError(f"unknown eval setting {key!r}")
+        local = key.endswith(("_path", "_images")) and "://" not in str(value)
+        setattr(cfg.eval, key, str(Path(value).resolve()) if local else value)
+    return bool(cfg.eval.zero_shot_path or cfg.eval.retrieval_path)
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     data: str | None = None,
     split: str | None = None,
     max_batches: int | None = None,
     batch_size: int | None = None,
+    benchmarks: dict[str, Any] | None = None,
 ) -> EvalResult:
-    """Evaluate one checkpoint in this process (world size 1); see the module docstring."""
+    """Evaluate one checkpoint in this process (world size 1); see the module docstring.
+
+    ``benchmarks``: EvalConfig keys (zero_shot_path, classnames, templates, retrieval_path, ...)
+    overriding the training config's; with one set, the data's own eval split is optional."""
     from dist_tempnet.runtime.checkpoint import read_meta
 
     ckpt = resolve_checkpoint_dir(checkpoint)
     meta = read_meta(ckpt)
     cfg = eval_config(meta, data, split, max_batches, batch_size)
-    _check_eval_data(data or cfg.data.path, cfg.data.eval_split)
+    if not apply_benchmarks(cfg, benchmarks) or data:
+        _check_eval_data(data or cfg.data.path, cfg.data.eval_split)
     task, engine = _build_for_data(cfg, ckpt, meta, data)
     try:
-        with eval_progress(task, f"eval {Path(cfg.data.path).name}/{cfg.data.eval_split}"):
+        with eval_progress(task, f"eval {cfg.data.path}/{cfg.data.eval_split}"):
             metrics = task.evaluate(engine)
-    except (*_corrupt_data_errors(), FileNotFoundError) as exc:
+    except (*_corrupt_data_errors(), FileNotFoundError, ValueError) as exc:
         raise EvalError(f"cannot evaluate on '{cfg.data.path}' (split {cfg.data.eval_split}): {exc}") from exc
     if not metrics:
         raise EvalError(
@@ -241,6 +260,59 @@ def _build_for_data(cfg: Config, ckpt: Path, meta: dict[str, Any], data: str | N
     if data:
         cfg.data.path = str(Path(data).resolve())  # the task reads cfg.data.path when it evaluates
     return task, engine
+
+
+def evaluate_exported(
+    model_dir: str | Path, benchmarks: dict[str, Any], batch_size: int = 64, num_workers: int = 0
+) -> EvalResult:
+    """Run the standard CLIP benchmarks on a model directory written by `dist-tempnet export`
+    (transformers CLIPModel + tokenizer), without DeepSpeed."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, CLIPModel
+
+    from dist_tempnet.data.pipeline import normalize_pixels
+    from dist_tempnet.models.clip import encode_images, encode_texts
+    from dist_tempnet.tasks.clip_benchmarks import BenchmarkContext, run_benchmarks
+
+    model_dir = Path(model_dir)
+    info_file = model_dir / "dist_tempnet_export.json"
+    if not info_file.is_file():
+        raise EvalError(f"{model_dir}: not written by `dist-tempnet export` (no {info_file.name})")
+    info = json.loads(info_file.read_text())
+    if info.get("task") != "clip":
+        raise EvalError(
+            f"{model_dir}: --model evaluates exported CLIP models; this one is {info.get('task')!r}"
+        )
+    cfg = Config()
+    cfg.run.name = model_dir.name
+    cfg.mlflow.enabled = False
+    if not apply_benchmarks(cfg, benchmarks):
+        raise EvalError("--model needs a benchmark: --zero-shot PATH and/or --retrieval PATH")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = CLIPModel.from_pretrained(str(model_dir)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    max_len = int(model.config.text_config.max_position_embeddings)
+
+    def images(pixels: torch.Tensor) -> torch.Tensor:
+        return F.normalize(encode_images(model, normalize_pixels(pixels)).float(), dim=-1)
+
+    def texts(captions: list[str]) -> torch.Tensor:
+        enc = tokenizer(
+            captions, padding="max_length", truncation=True, max_length=max_len, return_tensors="pt"
+        )
+        ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+        return F.normalize(encode_texts(model, ids, mask).float(), dim=-1)
+
+    ctx = BenchmarkContext(
+        images, texts, int(model.config.vision_config.image_size), batch_size, num_workers, device,
+        tokenizer=tokenizer, max_text_len=max_len,
+    )  # fmt: skip
+    with torch.no_grad():
+        metrics = run_benchmarks(ctx, cfg.eval)
+    return EvalResult(
+        model_dir, int(info.get("step", 0)), metrics, info.get("mlflow_run_id") or "", config=cfg
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +386,7 @@ def log_results(
     tracker.set_tags(
         {
             f"{tag_prefix}checkpoint": str(result.checkpoint),
-            f"{tag_prefix}data": cfg.data.path + ":" + cfg.data.eval_split,
+            f"{tag_prefix}data": f"{cfg.data.path}:{cfg.data.eval_split}",
         }
     )
     if created:

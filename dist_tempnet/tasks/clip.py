@@ -13,6 +13,7 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
+from dist_tempnet.data.pipeline import normalize_pixels
 from dist_tempnet.dro_state import DROState
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.metrics import (
@@ -24,6 +25,7 @@ from dist_tempnet.metrics import (
 )
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
 from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
+from dist_tempnet.tasks.clip_benchmarks import BenchmarkContext, run_benchmarks
 
 
 class CLIPTrainModule(nn.Module):
@@ -43,6 +45,8 @@ class CLIPTrainModule(nn.Module):
         dtype = next(self.clip.parameters()).dtype
         img = txt = None
         if pixel_values is not None:
+            if pixel_values.dtype == torch.uint8:  # batches travel as uint8; normalize on the device
+                pixel_values = normalize_pixels(pixel_values, dtype)
             img = F.normalize(encode_images(self.clip, pixel_values.to(dtype)).float(), dim=-1)
         if input_ids is not None:
             txt = F.normalize(encode_texts(self.clip, input_ids, attention_mask).float(), dim=-1)
@@ -129,6 +133,8 @@ class CLIPTask(Task):
             max_text_len=d.max_text_len,
             allow_corrupt=d.allow_corrupt,
             resume=resume,
+            caption_key=d.caption_key,
+            crop_scale=tuple(d.train_crop_scale) if d.train_crop_scale else None,
         )
 
     def units(self, batch: dict[str, Any]) -> int:
@@ -177,17 +183,40 @@ class CLIPTask(Task):
 
     @torch.no_grad()
     def evaluate(self, engine) -> dict[str, float]:
+        """The data's own eval split (when it has one) plus the configured standard benchmarks."""
         try:
             manifest = resolve_manifest(self.cfg.data.path, self.cfg.data.eval_split)
-        except FileNotFoundError:
-            return {}
+        except (FileNotFoundError, ValueError):  # no eval split (e.g. an index of training shards)
+            manifest = None
         module: CLIPTrainModule = engine.module
         was_training = module.training
         module.eval()
         try:
-            return self._evaluate(module, manifest)
+            results = self._evaluate(module, manifest) if manifest is not None else {}
+            results.update(run_benchmarks(self.benchmark_context(module), self.cfg.eval))
+            return results
         finally:
             module.train(was_training)
+
+    def benchmark_context(self, module: CLIPTrainModule) -> BenchmarkContext:
+        d, max_len = self.cfg.data, self.cfg.data.max_text_len
+
+        def texts(captions: list[str]) -> torch.Tensor:
+            return module.embed(None, **tokenize(self.tokenizer, captions, max_len, self.device))[1]
+
+        return BenchmarkContext(
+            encode_images=lambda pixels: module.embed(pixels)[0],
+            encode_texts=texts,
+            image_size=d.image_size,
+            batch_size=self.cfg.eval.batch_size or self.cfg.train.micro_batch_size,
+            num_workers=d.num_workers,
+            device=self.device,
+            rank=self.rank,
+            world=self.world,
+            caption_key=d.caption_key,
+            tokenizer=self.tokenizer,
+            max_text_len=max_len,
+        )
 
     def _evaluate(self, module: CLIPTrainModule, manifest) -> dict[str, float]:
         d = self.cfg.data
