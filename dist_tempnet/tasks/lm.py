@@ -130,7 +130,8 @@ class LMTask(Task):
         super().__init__(cfg, rank, world, device)
         self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
         tok_path = cfg.data.tokenizer or cfg.model.pretrained or self.train_manifest.tokenizer_path
-        self.tokenizer = load_text_tokenizer(tok_path) if tok_path else None
+        tok_revision = cfg.model.revision if str(tok_path) == cfg.model.pretrained else ""
+        self.tokenizer = load_text_tokenizer(tok_path, tok_revision) if tok_path else None
         special = {}
         if self.tokenizer is not None:
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -141,6 +142,8 @@ class LMTask(Task):
             cfg.model.pretrained,
             cfg.model.overrides,
             attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
+            dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
             **(
                 {}
                 if cfg.model.pretrained
