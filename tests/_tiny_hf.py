@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 # A Llama-2-chat-like template (system/user turns are prompt, assistant turns end with EOS).
 CHAT_TEMPLATE = (
@@ -35,23 +36,33 @@ def training_texts(n: int = 200) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n)]
 
 
-def save_tiny_chat_model(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
-    """A tiny Llama (hidden 64, 2 layers) and its byte-level BPE tokenizer with a chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def save_tiny_chat_tokenizer(out: Path, vocab_size: int = 320) -> Any:
+    """A byte-level BPE tokenizer directory with the chat template; returns the loaded tokenizer."""
+    from transformers import AutoTokenizer
 
     from dist_tempnet.data.text_tokenizer import BPE_EOS, BPE_PAD, save_hf_tokenizer_dir, train_byte_level_bpe
 
     out = Path(out)
-    tok_dir = save_hf_tokenizer_dir(
+    save_hf_tokenizer_dir(
         train_byte_level_bpe(training_texts() + [CHAT_TEMPLATE], vocab_size),
-        out.with_name(out.name + "-tok"),
+        out,
         bos_token=BPE_EOS,
         eos_token=BPE_EOS,
         pad_token=BPE_PAD,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
     tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out))
+    return tokenizer
+
+
+def save_tiny_chat_model(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A tiny Llama (hidden 64, 2 layers) with its chat tokenizer in one save_pretrained directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = Path(out)
+    tokenizer = save_tiny_chat_tokenizer(out, vocab_size)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -67,8 +78,6 @@ def save_tiny_chat_model(out: Path, vocab_size: int = 320, seed: int = 0) -> Pat
         pad_token_id=tokenizer.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    shutil.rmtree(tok_dir)
     return out
 
 

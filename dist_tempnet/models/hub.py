@@ -69,7 +69,9 @@ def resolve_pretrained(name: str, revision: str = "", key: str = "model.pretrain
     try:
         validate_repo_id(name)
     except HFValidationError as exc:
-        raise PretrainedNotFoundError(f"{key}: '{name}' is neither a local path nor a hub id ({exc})") from exc
+        raise PretrainedNotFoundError(
+            f"{key}: '{name}' is neither a local path nor a hub id ({exc})"
+        ) from None
     cache = constants.HF_HUB_CACHE
     offline = constants.is_offline_mode()
     rev = revision or None
