@@ -117,16 +117,16 @@ def test_chat_shards_mask_only_assistant_tokens(tmp_path, tok_dir):
     learned = tokenizer.decode(stream[stream_mask])
     assert answers.startswith(learned) and len(learned) > len(answers) // 2, learned
     prompt_text = tokenizer.decode(stream[~stream_mask])
-    assert "capital of france" in prompt_text and "paris" not in prompt_text and "<|assistant|>" in prompt_text
+    assert "capital of france" in prompt_text and "<|assistant|>" in prompt_text
+    assert "paris" not in prompt_text
 
     # The LM task's targets: masked-out positions are ignore_index, so they count nowhere.
     inputs, labels = inputs_and_labels({"input_ids": ids, "loss_mask": mask})
     assert torch.equal(labels != -100, mask[:, 1:]) and torch.equal(inputs, ids[:, :-1])
 
     # prompt/response columns (Parquet) render as one user and one assistant turn.
-    pq.write_table(
-        pa.table({"prompt": [f"say yes {i}" for i in range(8)], "response": ["yes"] * 8}), tmp_path / "pr.parquet"
-    )
+    table = pa.table({"prompt": [f"say yes {i}" for i in range(8)], "response": ["yes"] * 8})
+    pq.write_table(table, tmp_path / "pr.parquet")
     out2 = make_chat_shards([tmp_path / "pr.parquet"], tok_dir, tmp_path / "pr", 16, heldout_fraction=0)
     b = next(iter(eval_batches(out2, "train", batch_size=64)))
     assert set(tokenizer.decode(b["input_ids"][b["loss_mask"]]).split(eos)) <= {"yes", "\n", "\nyes", ""}

@@ -13,9 +13,9 @@ turns, role headers). This needs the template to be prefix-stable (each renderin
 previous one), which chat templates are; one that is not is refused with the record named.
 
 Conversations are packed like documents (an EOS separator, masked out, between them when the
-rendering does not end with EOS) into ``seq_len + 1`` windows; ``mask.npy`` travels with ``ids.npy`` and the LM task turns
-masked-out targets into ignore_index, so they count neither in the loss nor in the global
-valid-token count.
+rendering does not end with EOS) into ``seq_len + 1`` windows; ``mask.npy`` travels with
+``ids.npy`` and the LM task turns masked-out targets into ignore_index, so they count neither in
+the loss nor in the global valid-token count.
 """
 
 from __future__ import annotations
