@@ -63,7 +63,8 @@ def test_tau_divides_raw_logits_before_the_generation_configs_warpers():
         kept_counts.append(int(kept.sum()))
         # The other order (temperature/top-k/top-p first, τ of the warped logits last) is different.
         other = warp(ids, masked.clone())
-        other = other / tempnet(torch.where(torch.isinf(other), other[~torch.isinf(other)].min(), other))[:, None]
+        floor = other[~torch.isinf(other)].min()
+        other = other / tempnet(torch.where(torch.isinf(other), floor, other))[:, None]
         reversed_differs |= not torch.allclose(torch.softmax(other, -1), torch.softmax(final, -1), atol=1e-4)
     assert reversed_differs
     assert any(1 < k < 20 for k in kept_counts), kept_counts  # top-p truncated, after τ
