@@ -70,7 +70,7 @@ class DataConfig:
     demo: bool = True
     train_split: str = "train"
     eval_split: str = "eval"
-    tokenizer: str = ""  # empty: the tokenizer shipped in the dataset directory
+    tokenizer: str = ""  # local dir, tokenizer.json or hub id; empty: model.pretrained's, else the dataset's
     num_workers: int = 0
     shuffle_buffer: int = 512
     allow_corrupt: bool = False
@@ -89,9 +89,11 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     # `clip_tiny` | `clip_vit_b32` (CLIP) ; `llama_tiny` | `gpt2_tiny` | `gpt2_125m` | `llama_1b` |
-    # `llama_1.3b` | `llama2_7b` (LM). A `pretrained` local directory overrides the preset.
+    # `llama_1.3b` | `llama2_7b` (LM). `pretrained` overrides the preset: a local save_pretrained
+    # directory or a Hugging Face hub id (e.g. meta-llama/Llama-2-7b-chat-hf), as from_pretrained takes.
     preset: str = "clip_tiny"
     pretrained: str = ""
+    revision: str = ""  # hub branch, tag or commit of `pretrained` (empty: main)
     # Extra keys merged into the transformers config (e.g. {"num_hidden_layers": 4}).
     overrides: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
@@ -450,7 +452,7 @@ def validate(cfg: Config, source: str = "config") -> None:
                 bool(cfg.model.pretrained),
                 source,
                 "model.pretrained",
-                "train.mode=finetune starts from a pretrained model: set it to a local directory",
+                "train.mode=finetune starts from a pretrained model: set it to a local directory or hub id",
             )
         if t.mode == "tempnet_only":
             _check(

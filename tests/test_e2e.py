@@ -104,7 +104,7 @@ def _lm_export(workdir: Path, summary, name: str) -> Path:
 
 
 def test_lm_three_modes_export_generate(ray_session, workdir):
-    from dist_tempnet.models.generation import generate_text, load_for_generation
+    from dist_tempnet.commands.generate import generate_text, load_for_generation
     from dist_tempnet.runtime.export import load_tempnets
 
     _, scratch = _run(str(REPO / "configs" / "lm_tiny_scratch.yaml"), TINY_LM + ["run.name=e2e-lm-scratch"])

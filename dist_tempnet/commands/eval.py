@@ -46,11 +46,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--checkpoint",
+        default=None,
         type=Path,
         help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
     )
     which.add_argument(
-        "--model", type=Path, help="a CLIP model directory written by `dist-tempnet export` (benchmarks only)"
+        "--model",
+        type=Path,
+        default=None,
+        help="a model directory written by `dist-tempnet export`: CLIP benchmarks, or --lm-eval for an LM",
     )
     bench = p.add_argument_group("standard CLIP benchmarks (override the training config's eval.*)")
     bench.add_argument(
@@ -97,7 +101,49 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="",
         help="default: the training config's, else $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db",
     )
+    g = p.add_argument_group("lm-evaluation-harness (pip install 'dist_tempnet[eval]')")
+    g.add_argument(
+        "--lm-eval",
+        default="",
+        metavar="TASKS",
+        help="comma-separated lm-eval tasks, run with TempNet's τ on the logits (model `dist_tempnet`)",
+    )
+    g.add_argument("--lm-eval-include", default=None, help="directory of your own lm-eval task YAMLs")
+    g.add_argument("--limit", type=float, default=None, help="lm-eval: documents per task (debugging)")
+    g.add_argument("--no-tempnet", action="store_true", help="lm-eval at τ = 1 (the model without TempNet)")
+    g.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_eval)
+
+
+def cmd_lm_eval(args: argparse.Namespace) -> int:
+    from dist_tempnet.runtime.evaluation import lm_eval_model, log_lm_eval
+    from dist_tempnet.runtime.tracking import resolve_tracking_uri
+
+    tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+    uri = ""
+    if args.log_to_mlflow:
+        uri = _tracking_uri(args, resolve_checkpoint_dir(args.checkpoint)) if args.checkpoint else ""
+        uri = uri or resolve_tracking_uri(args.tracking_uri)
+    result = lm_eval_model(
+        args.model,
+        args.checkpoint,
+        tasks,
+        include_path=args.lm_eval_include,
+        use_tempnet=not args.no_tempnet,
+        limit=args.limit,
+        batch_size=args.batch_size or 8,
+        device=args.device,
+    )
+    width = max(len(k) for k in result.metrics) if result.metrics else 0
+    print(f"lm-eval on {result.model_dir} ({'τ = 1' if args.no_tempnet else 'with TempNet τ'})")
+    print("\n".join(f"  {k.ljust(width)}  {v:.4f}" for k, v in sorted(result.metrics.items())))
+    if args.json:
+        payload = {"model": str(result.model_dir), "metrics": result.metrics}
+        args.json.write_text(json.dumps(payload, indent=1))
+    if args.log_to_mlflow:
+        run_id = log_lm_eval(result, uri, args.run_id, args.new_run, ",".join(tasks))
+        print(f"logged to MLflow run {run_id} ({uri})")
+    return 0
 
 
 def _tracking_uri(args: argparse.Namespace, ckpt: Path) -> str:
@@ -128,6 +174,8 @@ BENCHMARK_KEYS = (
 def cmd_eval(args: argparse.Namespace) -> int:
     benchmarks = {key: getattr(args, key) for key in BENCHMARK_KEYS}
     try:
+        if args.lm_eval:
+            return cmd_lm_eval(args)
         if args.model is not None:
             result = evaluate_exported(args.model, benchmarks, args.batch_size or 64, args.num_workers)
             uri = resolve_tracking_uri(args.tracking_uri) if args.log_to_mlflow else ""

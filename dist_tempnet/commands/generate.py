@@ -34,8 +34,15 @@ def generate_text(
     max_new_tokens: int = 40,
     do_sample: bool = True,
     seed: int = 0,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> tuple[str, list[str], list[float]]:
-    """(continuation, generated tokens, τ per generated token — empty without TempNet)."""
+    """(continuation, generated tokens, τ per generated token — empty without TempNet).
+
+    Sampling settings default to the model's generation config (its model card's); TempNet's τ
+    divides the logits before them (see models.generation for the order).
+    """
     from transformers import LogitsProcessorList
 
     torch.manual_seed(seed)
@@ -46,15 +53,14 @@ def generate_text(
         proc = TempNetLogitsProcessor(tempnet)
         processors.append(proc)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    overrides = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        top_k=0,
-        top_p=1.0,
-        temperature=1.0,
         logits_processor=processors,
         pad_token_id=pad,
+        **{k: v for k, v in overrides.items() if v is not None},
     )
     new_ids = out[0, enc["input_ids"].shape[1] :]
     tokens = [tokenizer.decode([t]) for t in new_ids.tolist()]
@@ -69,7 +75,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.no_tempnet:
         tempnet = None
     text, tokens, taus = generate_text(
-        model, tokenizer, tempnet, args.prompt, args.max_new_tokens, do_sample=not args.greedy, seed=args.seed
+        model,
+        tokenizer,
+        tempnet,
+        args.prompt,
+        args.max_new_tokens,
+        do_sample=not args.greedy,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
     )
     print(args.prompt + text)
     if args.show_tau and taus:
@@ -88,5 +103,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--show-tau", action="store_true", help="print the τ of each generated token")
     p.add_argument("--no-tempnet", action="store_true", help="ignore the TempNet (τ = 1) for comparison")
     p.add_argument("--seed", type=int, default=0)
+    # Default: the export's generation_config.json (the model card's settings), applied after τ.
+    p.add_argument("--temperature", type=float, default=None, help="override the generation config's")
+    p.add_argument("--top-k", type=int, default=None, help="override the generation config's (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="override the generation config's (1: off)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_generate)

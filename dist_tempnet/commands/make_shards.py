@@ -1,5 +1,5 @@
 """`dist-tempnet make-shards`: write webdataset shards (demo CLIP/text data, your image-caption pairs,
-or your text files)."""
+your text corpus or chat data)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             caption_column=args.caption_column,
             image_size=args.image_size,
             resize_mode=args.resize_mode,
-            samples_per_shard=args.samples_per_shard,
+            samples_per_shard=args.samples_per_shard or 10000,
             quality=args.quality,
             workers=args.workers,
         )
@@ -29,14 +29,35 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             f"{skipped} skipped); indexed in {args.out / 'dataset.json'}"
         )
         return 0
-    if args.text:
+    if args.text or args.chat:
+        if args.text and args.chat:
+            raise SystemExit("make-shards: give --text (plain corpus) or --chat (conversations), not both")
         if not args.tokenizer:
             raise SystemExit(
-                "make-shards --text needs --tokenizer DIR (a local Hugging Face tokenizer directory)"
+                "make-shards --text/--chat needs --tokenizer (a local tokenizer directory or a hub id)"
             )
-        out = data.make_token_shards(
-            args.text, args.tokenizer, args.out, seq_len=args.seq_len, overwrite=args.overwrite
+        common = dict(
+            num_proc=args.num_proc,
+            samples_per_shard=args.samples_per_shard or 256,
+            heldout_fraction=args.heldout_fraction,
+            seed=args.seed,
+            overwrite=args.overwrite,
         )
+        if args.text:
+            out = data.make_token_shards(
+                args.text, args.tokenizer, args.out, args.seq_len, text_field=args.text_field, **common
+            )
+        else:
+            out = data.make_chat_shards(
+                args.chat,
+                args.tokenizer,
+                args.out,
+                args.seq_len,
+                messages_field=args.messages_field,
+                prompt_field=args.prompt_field,
+                response_field=args.response_field,
+                **common,
+            )
     elif args.kind == "text":
         out = data.make_demo_text_dataset(
             args.out, seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite
@@ -55,11 +76,42 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("make-shards", help="write webdataset shards (demo CLIP/text data or your text files)")
+    p = sub.add_parser(
+        "make-shards",
+        help="write webdataset shards (demo CLIP/text data, your image-caption pairs, corpus or chat data)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--kind", choices=("clip", "text"), default="clip", help="which demo dataset")
-    p.add_argument("--text", nargs="*", default=None, help="text files to tokenize into token shards")
-    p.add_argument("--tokenizer", default=None, help="local HF tokenizer dir (with --text)")
+    p.add_argument(
+        "--text",
+        nargs="+",
+        default=None,
+        metavar="INPUT",
+        help="corpus to tokenize: .txt/.jsonl/.parquet files, datasets save_to_disk dirs, dirs, globs",
+    )
+    p.add_argument(
+        "--chat",
+        nargs="+",
+        default=None,
+        metavar="INPUT",
+        help="conversations (.jsonl/.parquet/datasets dirs): rendered with the tokenizer's chat template, "
+        "loss on assistant tokens only",
+    )
+    p.add_argument("--tokenizer", default=None, help="local HF tokenizer dir or hub id (with --text/--chat)")
+    p.add_argument("--text-field", default="text", help="text column of .jsonl/.parquet/datasets inputs")
+    p.add_argument("--messages-field", default="messages", help="(--chat) column with role/content lists")
+    p.add_argument("--prompt-field", default="prompt", help="(--chat) prompt column, when no messages")
+    p.add_argument("--response-field", default="response", help="(--chat) response column, when no messages")
+    p.add_argument(
+        "--num-proc",
+        type=int,
+        default=1,
+        help="1: the fast tokenizer's own multi-threaded batch encoding; N>1: a pool of N processes",
+    )
+    p.add_argument("--heldout-fraction", type=float, default=0.05, help="documents held out for eval")
+    p.add_argument(
+        "--samples-per-shard", type=int, default=None, help="default: 256 token blocks, 10000 --pairs samples"
+    )
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--num-train", type=int, default=4096)
     p.add_argument("--num-eval", type=int, default=512)
@@ -78,7 +130,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         choices=("center_crop", "keep_ratio", "border", "no"),
         help="how --pairs images are resized to --image-size (img2dataset's modes)",
     )
-    p.add_argument("--samples-per-shard", type=int, default=10000, help="with --pairs")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images (--pairs)")
     p.add_argument("--workers", type=int, default=1, help="parallel shard writers (--pairs)")
     p.add_argument(

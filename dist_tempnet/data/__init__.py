@@ -1,10 +1,12 @@
 """Data: webdataset shards with stable sample ids, manifests, demo datasets and batch streams.
 
-Writers: :func:`write_image_text_shards`, :func:`make_token_shards`, :func:`make_demo_clip_dataset`,
-:func:`make_demo_text_dataset`. Readers: :func:`clip_batches` / :func:`token_batches` (endless
-training streams per rank), :func:`eval_batches` (one ordered pass), :func:`read_manifest`.
+Writers: :func:`write_image_text_shards`, :func:`make_token_shards`, :func:`make_chat_shards`,
+:func:`make_demo_clip_dataset`, :func:`make_demo_text_dataset`. Readers: :func:`clip_batches` /
+:func:`token_batches` (endless training streams per rank), :func:`eval_batches` (one ordered
+pass), :func:`read_manifest`.
 """
 
+from dist_tempnet.data.chat import make_chat_shards
 from dist_tempnet.data.demo_clip import make_demo_clip_dataset
 from dist_tempnet.data.demo_text import make_demo_text_dataset
 from dist_tempnet.data.index import index_shards
@@ -37,6 +39,7 @@ __all__ = [
     "eval_batches",
     "index_shards",
     "load_text_tokenizer",
+    "make_chat_shards",
     "make_demo_clip_dataset",
     "make_demo_text_dataset",
     "make_pair_shards",

@@ -103,10 +103,17 @@ class ImageTextCollator:
 
 
 def collate_tokens(samples: Sequence[TokenSample]) -> dict[str, Any]:
-    return {
+    batch = {
         "input_ids": torch.from_numpy(np.stack([s.tokens for s in samples])),
         "sample_ids": torch.tensor([s.sample_id for s in samples], dtype=torch.long),
     }
+    if any(s.loss_mask is not None for s in samples):
+        # Chat shards: the LM task keeps only masked-in (assistant) tokens as targets.
+        ones = np.ones_like(samples[0].tokens, dtype=bool)
+        batch["loss_mask"] = torch.from_numpy(
+            np.stack([s.loss_mask if s.loss_mask is not None else ones for s in samples])
+        )
+    return batch
 
 
 # --------------------------------------------------------------------------------- shard assignment
@@ -636,7 +643,8 @@ def token_batches(
     shuffle: bool = True,
     resume: StreamResume | None = None,
 ) -> BatchStream:
-    """Endless language-model batches: ``input_ids`` int64 [B, seq_len + 1], ``sample_ids`` int64 [B].
+    """Endless language-model batches: ``input_ids`` int64 [B, seq_len + 1], ``sample_ids`` int64 [B],
+    and for chat shards ``loss_mask`` bool [B, seq_len + 1] (True where the token is a loss target).
 
     Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``. ``resume``: as in
     :func:`clip_batches`.

@@ -71,10 +71,11 @@ def absolutize_paths(cfg: Config) -> None:
         value = getattr(cfg.eval, key)
         if value and Path(value).exists():
             setattr(cfg.eval, key, str(Path(value).resolve()))
-    if cfg.data.tokenizer:
-        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
-    if cfg.model.pretrained:
-        cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
+    # model.pretrained / data.tokenizer may be hub ids: only names that exist here are paths.
+    if cfg.data.tokenizer and Path(cfg.data.tokenizer).expanduser().exists():
+        cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
+    if cfg.model.pretrained and Path(cfg.model.pretrained).expanduser().exists():
+        cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
     cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
 
 
@@ -85,3 +86,18 @@ def _absolute(source: str | list[str]) -> str | list[str]:
     if "::" in source:
         return "::".join(str(_absolute(s)) for s in source.split("::"))
     return source if is_remote(source) else str(Path(source).resolve())
+
+
+def prepare_pretrained(cfg: Config) -> None:
+    """Resolve model.pretrained and data.tokenizer in the driver, before any worker starts.
+
+    A hub id is fetched into the Hugging Face cache here once (workers on this node then only read
+    the cache); a name that is neither a local path nor a findable hub id fails here with one error.
+    """
+    from dist_tempnet.models.hub import require_pretrained, resolve_pretrained
+
+    if cfg.model.pretrained:
+        require_pretrained(cfg.model.pretrained, cfg.model.revision, "model.pretrained")
+    if cfg.data.tokenizer:
+        revision = cfg.model.revision if cfg.data.tokenizer == cfg.model.pretrained else ""
+        resolve_pretrained(cfg.data.tokenizer, revision, "data.tokenizer")

@@ -197,6 +197,7 @@ class ImageTextDecoder:
 class TokenSample:
     tokens: np.ndarray  # int64 [seq_len + 1]
     sample_id: int
+    loss_mask: np.ndarray | None = None  # bool [seq_len + 1] (chat data: True on assistant tokens)
 
 
 @dataclass(frozen=True)
@@ -216,4 +217,18 @@ class TokenDecoder:
                 f"{tokens.shape}, expected integer {expected}"
             )
             return None
-        return TokenSample(tokens.astype(np.int64), raw["__id__"])
+        mask = None
+        if "mask.npy" in raw:
+            try:
+                mask = np.load(io.BytesIO(raw["mask.npy"]), allow_pickle=False)
+            except Exception as exc:
+                where = f"{shard.url}: sample {raw['__key__']!r}"
+                skips.corrupt(f"{where}: 'mask.npy' unreadable ({_describe(exc)})")
+                return None
+            if mask.shape != expected:
+                skips.corrupt(
+                    f"{shard.url}: sample {raw['__key__']!r}: 'mask.npy' is {mask.shape}, expected {expected}"
+                )
+                return None
+            mask = mask.astype(bool)
+        return TokenSample(tokens.astype(np.int64), raw["__id__"], mask)

@@ -112,8 +112,9 @@ def _special_tokens_in(tokenizer_file: Path) -> dict[str, str]:
     return found
 
 
-def load_text_tokenizer(path_or_dir: str | Path) -> Any:
-    """Load a transformers fast tokenizer from a ``tokenizer.json`` file or a local tokenizer directory.
+def load_text_tokenizer(path_or_dir: str | Path, revision: str = "", key: str = "data.tokenizer") -> Any:
+    """Load a transformers fast tokenizer from a ``tokenizer.json`` file, a local tokenizer directory or
+    a hub id (resolved into the Hugging Face cache at ``revision``, see ``models.hub``).
 
     A directory with a ``tokenizer_config.json`` goes through ``AutoTokenizer`` (local files only);
     a bare ``tokenizer.json`` (or a directory holding only one) is wrapped in
@@ -122,9 +123,9 @@ def load_text_tokenizer(path_or_dir: str | Path) -> Any:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = Path(path_or_dir)
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer at {path}")
+    from dist_tempnet.models.hub import resolve_pretrained
+
+    path = resolve_pretrained(str(path_or_dir), revision, key)
     if path.is_dir() and (path / "tokenizer_config.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     else:

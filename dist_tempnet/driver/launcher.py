@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_tempnet.config import Config
-from dist_tempnet.data.prepare import absolutize_paths, prepare_data
+from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
 from dist_tempnet.runtime.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,12 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "MLFLOW_TRACKING_USERNAME",
         "MLFLOW_TRACKING_PASSWORD",
         "MLFLOW_TRACKING_TOKEN",
+        # Workers resolve hub ids in the same cache as the driver (HF_TOKEN is not copied into
+        # Ray's runtime env, which the dashboard shows: nodes that must download need their own).
         "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "HF_ENDPOINT",
     ):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -257,6 +262,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
+    prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
     prepare_data(cfg)
     storage = Path(cfg.run.output_dir) / "ray"
     resume = Path(resume_from).resolve() if resume_from else None

@@ -90,11 +90,12 @@ def build_clip_model(
     pretrained: str = "",
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    revision: str = "",
     **config_kwargs: Any,
 ) -> CLIPModel:
     """A CLIPModel ready for DeepSpeed: scalars made 1-dim (see make_scalar_params_1d)."""
     if pretrained:
-        path = require_pretrained_dir(pretrained)
+        path = require_pretrained_dir(pretrained, revision=revision)
         model = CLIPModel.from_pretrained(
             str(path), attn_implementation=attn_implementation, local_files_only=True
         )

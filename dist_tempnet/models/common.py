@@ -22,11 +22,8 @@ def make_scalar_params_1d(module: nn.Module) -> list[str]:
     return changed
 
 
-def require_pretrained_dir(path: str, key: str = "model.pretrained") -> Path:
-    """A local directory saved with `save_pretrained`; hubs are not reachable from our workers."""
-    p = Path(path).expanduser()
-    if not p.is_dir():
-        raise FileNotFoundError(f"{key}: '{p}' is not a directory (expected a local save_pretrained dir)")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"{key}: '{p}' has no config.json (expected a local save_pretrained dir)")
-    return p
+def require_pretrained_dir(name: str, key: str = "model.pretrained", revision: str = "") -> Path:
+    """A local model directory for `name`: a `save_pretrained` directory or a hub id (see models.hub)."""
+    from dist_tempnet.models.hub import require_pretrained
+
+    return require_pretrained(name, revision, key)

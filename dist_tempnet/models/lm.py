@@ -1,9 +1,10 @@
-"""transformers causal LMs from presets or a local pretrained directory."""
+"""transformers causal LMs from presets, a local pretrained directory or a hub id."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
@@ -98,12 +99,19 @@ def build_causal_lm(
     pretrained: str = "",
     overrides: dict[str, Any] | None = None,
     attn_implementation: str = "sdpa",
+    revision: str = "",
+    dtype: torch.dtype = torch.float32,
     **config_kwargs: Any,
 ) -> nn.Module:
+    """A causal LM from a preset (random init) or `pretrained` (local dir or hub id, see models.hub).
+
+    Pretrained weights are loaded directly in `dtype` (the training dtype: bf16 runs never hold an
+    fp32 copy of a 7B model per rank).
+    """
     if pretrained:
-        path = require_pretrained_dir(pretrained)
+        path = require_pretrained_dir(pretrained, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), attn_implementation=attn_implementation, local_files_only=True
+            str(path), attn_implementation=attn_implementation, local_files_only=True, dtype=dtype
         )
     else:
         cfg = lm_config(preset, overrides, **config_kwargs)
@@ -117,8 +125,6 @@ def build_causal_lm(
 
 def count_parameters(preset: str, vocab_size: int | None = None) -> int:
     """Exact parameter count of a preset, built on the meta device (no memory)."""
-    import torch
-
     cfg = lm_config(preset, vocab_size=vocab_size)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)

@@ -402,3 +402,102 @@ def log_results(
 
 # ---------------------------------------------------------------------------------------------
 # CLI
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness on an export or a checkpoint
+
+
+@dataclass
+class LMEvalResult:
+    model_dir: Path
+    metrics: dict[str, float]
+    step: int = 0
+    source_run_id: str = ""  # the training run the model came from, when known
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _export_info(model_dir: Path) -> dict[str, Any]:
+    info = model_dir / "dist_tempnet_export.json"
+    import json
+
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def lm_eval_model(
+    model: str | Path | None,
+    checkpoint: str | Path | None,
+    tasks: list[str],
+    *,
+    include_path: str | None = None,
+    use_tempnet: bool = True,
+    limit: float | None = None,
+    batch_size: int = 8,
+    device: str = "cpu",
+) -> LMEvalResult:
+    """Run lm-eval (`dist_tempnet` model) on an export, or on a checkpoint exported to a temporary dir."""
+    import tempfile
+
+    from dist_tempnet.runtime.checkpoint import read_meta
+    from dist_tempnet.runtime.export import export_checkpoint
+    from dist_tempnet.runtime.lm_eval_harness import flatten_results, run_lm_eval
+
+    if (model is None) == (checkpoint is None):
+        raise EvalError("--lm-eval needs exactly one of --model EXPORT_DIR or --checkpoint DIR")
+    with tempfile.TemporaryDirectory(prefix="dt-lm-eval-") as tmp:
+        if checkpoint is not None:
+            ckpt = resolve_checkpoint_dir(checkpoint)
+            meta = read_meta(ckpt)
+            if meta.get("config", {}).get("run", {}).get("task") != "lm":
+                raise EvalError(f"--lm-eval evaluates language models; checkpoint '{ckpt}' is not an LM run")
+            model_dir = export_checkpoint(ckpt, Path(tmp) / "export")
+            step, run_id = int(meta.get("step", 0)), meta.get("mlflow_run_id") or ""
+        else:
+            model_dir = Path(model).expanduser()
+            if not (model_dir / "config.json").is_file():
+                raise EvalError(f"--model: '{model_dir}' is not an exported model directory (no config.json)")
+            info = _export_info(model_dir)
+            step, run_id = int(info.get("step", 0)), info.get("mlflow_run_id", "")
+        try:
+            raw = run_lm_eval(
+                model_dir, tasks, include_path=include_path, use_tempnet=use_tempnet, limit=limit,
+                batch_size=batch_size, device=device,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise EvalError(str(exc)) from exc
+    prefix = "lm_eval" if use_tempnet else "lm_eval_no_tempnet"
+    result_dir = Path(model) if model is not None else Path(checkpoint)
+    return LMEvalResult(result_dir, flatten_results(raw, prefix), step, run_id, raw)
+
+
+def log_lm_eval(
+    result: LMEvalResult, tracking_uri: str, run_id: str | None, new_run: bool, tasks: str
+) -> str:
+    """Log lm-eval metrics to `run_id` (default: the model's training run) or a new run; returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    from dist_tempnet.runtime.tracking import Tracker
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    target = "" if new_run else (run_id or result.source_run_id)
+    created = not target
+    if created:
+        exp = client.get_experiment_by_name("dist_tempnet-lm-eval")
+        exp_id = exp.experiment_id if exp else client.create_experiment("dist_tempnet-lm-eval")
+        tags = {"mlflow.runName": f"lm-eval-{result.model_dir.name}"}
+        tags["mlflow.source.name"] = "dist-tempnet eval"
+        if result.source_run_id:
+            tags[EVAL_OF_TAG] = result.source_run_id
+        target = client.create_run(exp_id, tags=tags).info.run_id
+    else:
+        check_run_exists(tracking_uri, target)
+    tracker = Tracker(tracking_uri, target)
+    tracker.log_metrics(result.metrics, result.step)
+    tracker.set_tags({"lm_eval.tasks": tasks, "lm_eval.model": str(result.model_dir)})
+    if created:
+        tracker.terminate("FINISHED")
+    else:
+        tracker.flush()
+    if tracker.failures:
+        raise EvalError(f"logging to MLflow run {target} failed (see the warning above)")
+    return target

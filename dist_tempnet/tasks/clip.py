@@ -91,6 +91,7 @@ class CLIPTask(Task):
             cfg.model.pretrained,
             cfg.model.overrides,
             attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
             **(
                 {}
                 if cfg.model.pretrained

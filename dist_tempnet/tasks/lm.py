@@ -31,6 +31,15 @@ def final_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return lm.base_model(input_ids=input_ids).last_hidden_state
 
 
+def inputs_and_labels(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token inputs and labels of a token batch; targets outside `loss_mask` become -100."""
+    ids = batch["input_ids"]
+    inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+    if "loss_mask" in batch:
+        labels = labels.masked_fill(~batch["loss_mask"][:, 1:].to(labels.device).bool(), -100)
+    return inputs, labels
+
+
 class LMTrainModule(nn.Module):
     """What DeepSpeed wraps; forward returns (loss, tau or None, num_valid, plain CE)."""
 
@@ -130,7 +139,8 @@ class LMTask(Task):
         super().__init__(cfg, rank, world, device)
         self.train_manifest = resolve_manifest(cfg.data.path, cfg.data.train_split)
         tok_path = cfg.data.tokenizer or cfg.model.pretrained or self.train_manifest.tokenizer_path
-        self.tokenizer = load_text_tokenizer(tok_path) if tok_path else None
+        tok_revision = cfg.model.revision if str(tok_path) == cfg.model.pretrained else ""
+        self.tokenizer = load_text_tokenizer(tok_path, tok_revision) if tok_path else None
         special = {}
         if self.tokenizer is not None:
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -141,6 +151,8 @@ class LMTask(Task):
             cfg.model.pretrained,
             cfg.model.overrides,
             attn_implementation=cfg.model.attn_implementation,
+            revision=cfg.model.revision,
+            dtype=torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32,
             **(
                 {}
                 if cfg.model.pretrained
@@ -207,10 +219,8 @@ class LMTask(Task):
         return int(ids.shape[0] * (ids.shape[1] - 1))
 
     def _split(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids = batch["input_ids"]
-        inputs, labels = ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
-        if "loss_mask" in batch:
-            labels = labels.masked_fill(~batch["loss_mask"][:, 1:].bool(), -100)
+        inputs, labels = inputs_and_labels(batch)
+        # Chat data: only masked-in (assistant) targets count, in the loss and in this count.
         valid = (labels != -100).sum().to(torch.float64)
         # One scalar all-reduce so every rank divides by the global count: averaged gradients then
         # equal the gradient of the global token mean.
@@ -250,8 +260,8 @@ class LMTask(Task):
             for i, (batch, real) in enumerate(lockstep(iter(stream), self.device)):
                 if limit and i >= limit:  # every rank has the same limit, so lockstep holds
                     break
-                ids = batch["input_ids"].to(self.device)
-                batch_sums = module(ids[:, :-1], ids[:, 1:], None, eval_sums=True)
+                inputs, labels = inputs_and_labels(batch)
+                batch_sums = module(inputs.to(self.device), labels.to(self.device), None, eval_sums=True)
                 if real:
                     sums += batch_sums
             sums = comm.all_reduce_sum(sums)
