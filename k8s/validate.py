@@ -17,7 +17,13 @@ Validation:
   mounts a memory-backed /dev/shm, entrypoints are real `dist-tempnet` commands whose config is in
   the mounted ConfigMap and validates (and fits the worker groups), one image at the project's
   version everywhere and rayVersion = the pinned Ray, MLFLOW_TRACKING_URI names an existing Service
-  whose server accepts that Host header, non-root security contexts, no Secret values.
+  whose server accepts that Host header, non-root security contexts, no Secret values;
+- access: the MLflow server runs its basic-auth app with admin credentials from a Secret and a
+  mounted config whose user database is on a PVC, training pods log in with credentials from a
+  Secret; every serving pod is isolated by a NetworkPolicy with no "anyone" rule, and the
+  policies still admit what the system needs (Ray pods to MLflow and to each other, RayJob
+  submitters to the Jobs API, MLflow to its database); every Secret used is created in the
+  README's deploy steps.
 """
 
 from __future__ import annotations
@@ -203,6 +209,10 @@ class RayGroup:
     def containers(self) -> list[dict[str, Any]]:
         return self.pod.get("spec", {}).get("containers", [])
 
+    @property
+    def where(self) -> str:
+        return f"{self.owner} {'head' if self.is_head else 'worker group ' + repr(self.name)}"
+
     def resource(self, key: str, kind: str = "limits") -> float:
         total = 0.0
         for c in self.containers:
@@ -266,10 +276,7 @@ def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     kind = doc.get("kind")
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         return [(describe(doc), doc["spec"]["template"])]
-    out = [
-        (f"{g.owner} {'head' if g.is_head else 'worker group ' + repr(g.name)}", g.pod)
-        for g in ray_groups(doc)
-    ]
+    out = [(g.where, g.pod) for g in ray_groups(doc)]
     if kind == "RayJob" and doc["spec"].get("submitterPodTemplate"):
         out.append((f"{describe(doc)} submitter", doc["spec"]["submitterPodTemplate"]))
     return out
@@ -345,20 +352,26 @@ def check_security(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+def mounted_configmap(
+    docs: list[dict], namespace: str, template: dict, mount_path: str
+) -> dict[str, str] | None:
+    """The files of the ConfigMap a pod template mounts at `mount_path` (None: none mounted there)."""
+    volumes = {v["name"]: v for v in template.get("spec", {}).get("volumes", [])}
+    for c in template.get("spec", {}).get("containers", []):
+        for m in c.get("volumeMounts", []):
+            if m.get("mountPath") == mount_path and "configMap" in volumes.get(m["name"], {}):
+                cm_name = volumes[m["name"]]["configMap"]["name"]
+                cm = next((d for d in docs if resource_id(d) == ("ConfigMap", namespace, cm_name)), None)
+                return None if cm is None else dict(cm.get("data", {}))
+    return None
+
+
 def configmap_files(docs: list[dict], doc: dict[str, Any], mount_path: str) -> dict[str, str] | None:
     """The files a ConfigMap mounted at `mount_path` in the head of `doc` provides."""
     head = next((g for g in ray_groups(doc) if g.is_head), None)
     if head is None:
         return None
-    volumes = {v["name"]: v for v in head.pod.get("spec", {}).get("volumes", [])}
-    for c in head.containers:
-        for m in c.get("volumeMounts", []):
-            if m.get("mountPath") == mount_path and "configMap" in volumes.get(m["name"], {}):
-                cm_name = volumes[m["name"]]["configMap"]["name"]
-                namespace = doc["metadata"].get("namespace", "")
-                cm = next((d for d in docs if resource_id(d) == ("ConfigMap", namespace, cm_name)), None)
-                return None if cm is None else dict(cm.get("data", {}))
-    return None
+    return mounted_configmap(docs, doc["metadata"].get("namespace", ""), head.pod, mount_path)
 
 
 def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
@@ -565,6 +578,313 @@ def check_references(docs: list[dict]) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------
+# Access: MLflow authentication, NetworkPolicies, Secrets
+
+
+@dataclass
+class Pod:
+    """The pods one template creates, as a NetworkPolicy sees them."""
+
+    where: str
+    namespace: str
+    template: dict[str, Any]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.template.get("metadata", {}).get("labels", {})
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.template.get("spec", {}).get("containers", [])
+
+    def port_number(self, port: int | str) -> int | None:
+        """A numeric port, or the containerPort a port name stands for."""
+        if isinstance(port, int):
+            return port
+        named = {p.get("name"): p["containerPort"] for c in self.containers for p in c.get("ports", [])}
+        return named.get(port)
+
+
+def all_pods(docs: list[dict]) -> list[Pod]:
+    return [
+        Pod(where, doc["metadata"].get("namespace", ""), template)
+        for doc in docs
+        for where, template in pod_templates(doc)
+    ]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics; an empty selector selects everything."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        present, values = e["key"] in labels, e.get("values") or []
+        ok = {
+            "In": present and labels.get(e["key"]) in values,
+            "NotIn": not (present and labels.get(e["key"]) in values),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }.get(e["operator"], False)
+        if not ok:
+            return False
+    return True
+
+
+def ingress_policies(docs: list[dict], pod: Pod) -> list[dict[str, Any]]:
+    """The NetworkPolicies that isolate `pod` for ingress."""
+    return [
+        d
+        for d in docs
+        if d.get("kind") == "NetworkPolicy"
+        and d["metadata"].get("namespace", "") == pod.namespace
+        and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+        and selects(d["spec"].get("podSelector") or {}, pod.labels)
+    ]
+
+
+def _peer_admits(peer: dict[str, Any], source: Pod, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod-to-pod traffic is matched by selectors here
+    if peer.get("namespaceSelector") is None:
+        if source.namespace != policy_namespace:
+            return False
+    # Offline, a namespace is known by its automatic label only.
+    elif not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source.namespace}):
+        return False
+    return selects(peer.get("podSelector") or {}, source.labels)
+
+
+def admits(docs: list[dict], source: Pod, target: Pod, port: int | None) -> bool:
+    """Whether the NetworkPolicies let `source` connect to `target` on `port` (None: on every port)."""
+    policies = ingress_policies(docs, target)
+    for policy in policies:
+        namespace = policy["metadata"].get("namespace", "")
+        for rule in policy["spec"].get("ingress") or []:
+            peers, ports = rule.get("from") or [], rule.get("ports") or []
+            if peers and not any(_peer_admits(p, source, namespace) for p in peers):
+                continue
+            if not ports:
+                return True
+            for p in ports:
+                number = target.port_number(p["port"]) if "port" in p else None
+                if port is not None and number is not None and number <= port <= p.get("endPort", number):
+                    return True
+    return not policies
+
+
+def _open_peer(peer: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        return peer["ipBlock"].get("cidr") in ("0.0.0.0/0", "::/0")
+    return not (peer.get("podSelector") or {})  # every pod of a namespace (or of all of them)
+
+
+def check_network_policies(docs: list[dict]) -> list[str]:
+    """Every pod that serves something (declares container ports, or is a Ray node) is isolated by
+    a NetworkPolicy, and no policy rule admits every source."""
+    problems = []
+    ray_pods = {id(g.pod) for doc in docs for g in ray_groups(doc)}
+    for pod in all_pods(docs):
+        serves = id(pod.template) in ray_pods or any(c.get("ports") for c in pod.containers)
+        if serves and not ingress_policies(docs, pod):
+            problems.append(
+                f"{pod.where}: no NetworkPolicy selects these pods (labels {pod.labels}), so every pod "
+                "in the cluster can connect to them"
+            )
+    for doc in docs:
+        if doc.get("kind") != "NetworkPolicy":
+            continue
+        for i, rule in enumerate(doc["spec"].get("ingress") or []):
+            if not rule.get("from") or any(_open_peer(p) for p in rule["from"]):
+                problems.append(
+                    f"{describe(doc)}: spec.ingress[{i}] admits every source (list `from` peers with a "
+                    "podSelector)"
+                )
+    return problems
+
+
+def _service_targets(docs: list[dict], namespace: str, host: str, port: int) -> tuple[list[Pod], Any]:
+    """The pods behind Service `host` (a DNS name) and the target port of its `port`."""
+    service = next((d for d in docs if resource_id(d) == ("Service", namespace, host.split(".")[0])), None)
+    if service is None:
+        return [], None
+    spec_port = next((p for p in service["spec"].get("ports", []) if p["port"] == port), None)
+    if spec_port is None:
+        return [], None
+    selector = {"matchLabels": service["spec"].get("selector", {})}
+    pods = [p for p in all_pods(docs) if p.namespace == namespace and selects(selector, p.labels)]
+    return pods, spec_port.get("targetPort", port)
+
+
+def check_flows(docs: list[dict]) -> list[str]:
+    """The connections the system needs are allowed by the NetworkPolicies: Ray pods to MLflow and
+    to each other, RayJob submitters to the head's Jobs API, the MLflow server to its database."""
+    from urllib.parse import urlparse
+
+    problems = []
+
+    def need(source: Pod, target: Pod, port: int | None, why: str) -> None:
+        if not admits(docs, source, target, port):
+            on = f"port {port}" if port is not None else "every port"
+            problems.append(f"{source.where} cannot reach {target.where} on {on} ({why}): NetworkPolicy")
+
+    def to_service(source: Pod, uri: str, why: str) -> None:
+        url = urlparse(uri)
+        targets, target_port = _service_targets(docs, source.namespace, url.hostname or "", url.port or 80)
+        for target in targets:
+            need(source, target, target.port_number(target_port), why)
+
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        groups = [Pod(g.where, namespace, g.pod) for g in ray_groups(doc)]
+        for source in groups:
+            for target in groups:
+                need(source, target, None, "Ray's own traffic")
+            uri = next(
+                (_env(c, "MLFLOW_TRACKING_URI") for c in source.containers if _env(c, "MLFLOW_TRACKING_URI")),
+                "",
+            )
+            if uri:
+                to_service(source, uri, "MLFLOW_TRACKING_URI")
+        heads = [(g, pod) for g, pod in zip(ray_groups(doc), groups) if g.is_head]
+        if doc.get("kind") == "RayJob" and heads and doc["spec"].get("submitterPodTemplate"):
+            submitter = Pod(f"{describe(doc)} submitter", namespace, doc["spec"]["submitterPodTemplate"])
+            (head, pod), *_ = heads
+            need(submitter, pod, int(head.start_params.get("dashboard-port", 8265)), "ray job submit")
+        if doc.get("kind") == "Deployment":
+            server = Pod(describe(doc), namespace, doc["spec"]["template"])
+            for c in server.containers:
+                backend = _env(c, "MLFLOW_BACKEND_STORE_URI") or ""
+                if "://" in backend and not backend.startswith("sqlite"):
+                    to_service(server, backend, "MLFLOW_BACKEND_STORE_URI")
+    return problems
+
+
+def _secret_env(container: dict[str, Any], key: str) -> bool:
+    """`key` comes from a Secret the pod cannot start without (not a literal, not optional)."""
+    entry = next((e for e in container.get("env", []) if e.get("name") == key), {})
+    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+    return bool(ref) and not ref.get("optional", False)
+
+
+def _is_mlflow_server(container: dict[str, Any]) -> bool:
+    return [*container.get("command", []), *container.get("args", [])][:2] == ["mlflow", "server"]
+
+
+def check_mlflow_auth(docs: list[dict]) -> list[str]:
+    """The MLflow server runs the basic-auth app with its secrets from Secrets and a config file
+    that is mounted; training pods authenticate with credentials from a Secret."""
+    problems = []
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        for where, template in pod_templates(doc):
+            for c in template.get("spec", {}).get("containers", []):
+                if not _is_mlflow_server(c):
+                    continue
+                args = " ".join(c.get("args", []))
+                if not re.search(r"--app-name[= ]basic-auth\b", args):
+                    problems.append(
+                        f"{where}: mlflow server without --app-name=basic-auth accepts anyone who can "
+                        "reach it"
+                    )
+                for key in (
+                    "MLFLOW_AUTH_ADMIN_USERNAME",
+                    "MLFLOW_AUTH_ADMIN_PASSWORD",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                ):
+                    if not _secret_env(c, key):
+                        problems.append(
+                            f"{where}: {key} must come from a Secret (secretKeyRef, not optional)"
+                        )
+                problems += _auth_config_problems(docs, namespace, where, template, c)
+        for g in ray_groups(doc):
+            for c in g.containers:
+                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    if not _secret_env(c, key):
+                        problems.append(
+                            f"{g.owner}: container {c.get('name')!r} ({g.name}): {key} must come from a "
+                            "Secret (secretKeyRef, not optional): the MLflow server requires a login"
+                        )
+    return problems
+
+
+def _auth_config_problems(docs, namespace, where, template, container) -> list[str]:
+    import configparser
+
+    path = _env(container, "MLFLOW_AUTH_CONFIG_PATH")
+    if not path:
+        return [f"{where}: no MLFLOW_AUTH_CONFIG_PATH: MLflow would keep its users in ./basic_auth.db"]
+    files = mounted_configmap(docs, namespace, template, str(Path(path).parent))
+    if files is None or Path(path).name not in files:
+        return [f"{where}: MLFLOW_AUTH_CONFIG_PATH={path} is not a file of a ConfigMap mounted there"]
+    config = configparser.ConfigParser()
+    config.read_string(files[Path(path).name])
+    uri = config.get("mlflow", "database_uri", fallback="")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        volumes = {v["name"]: v for v in template.get("spec", {}).get("volumes", [])}
+        on_pvc = any(
+            db.is_relative_to(m["mountPath"]) and "persistentVolumeClaim" in volumes.get(m["name"], {})
+            for m in container.get("volumeMounts", [])
+        )
+        if not db.is_absolute() or not on_pvc:
+            return [
+                f"{where}: {path}: database_uri {uri} is not on a PersistentVolumeClaim (users would be lost)"
+            ]
+    return []
+
+
+def referenced_secrets(node: Any, found: dict[str, bool] | None = None) -> dict[str, bool]:
+    """{Secret name: required} of every Secret a manifest refers to (env, envFrom, volumes, KubeRay
+    authOptions)."""
+    found = {} if found is None else found
+
+    def add(name: str, optional: bool) -> None:
+        found[name] = found.get(name, False) or not optional
+
+    if isinstance(node, list):
+        for item in node:
+            referenced_secrets(item, found)
+    elif isinstance(node, dict):
+        for key in ("secretKeyRef", "secretRef"):
+            if isinstance(node.get(key), dict):
+                add(node[key]["name"], node[key].get("optional", False))
+        if isinstance(node.get("secret"), dict) and "secretName" in node["secret"]:
+            add(node["secret"]["secretName"], node["secret"].get("optional", False))
+        if isinstance(node.get("authOptions"), dict) and node["authOptions"].get("secretName"):
+            add(node["authOptions"]["secretName"], False)
+        for value in node.values():
+            referenced_secrets(value, found)
+    return found
+
+
+def documented_secrets(path: Path, section: str = "") -> set[str]:
+    """Secrets a README creates (`kubectl ... create secret generic NAME`), in one section if named."""
+    text = path.read_text()
+    if section:
+        start = text.index(f"\n## {section}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start : end if end != -1 else None]
+    return set(re.findall(r"create secret generic ([\w.-]+)", text))
+
+
+def check_secrets_documented(docs: list[dict]) -> list[str]:
+    """Each Secret the pods need is created in the README's deploy steps; optional ones may be
+    documented in k8s/README.md instead."""
+    steps = documented_secrets(REPO / "README.md", "Running on Kubernetes")
+    anywhere = steps | documented_secrets(K8S_DIR / "README.md")
+    problems = []
+    for name, required in sorted(referenced_secrets(docs).items()):
+        if name not in (steps if required else anywhere):
+            where = (
+                "README.md's deploy steps (Running on Kubernetes)"
+                if required
+                else "README.md or k8s/README.md"
+            )
+            problems.append(f"Secret {name!r} is used by the manifests but {where} never create it")
+    return problems
+
+
 def check_names(docs: list[dict]) -> list[str]:
     return [
         f"{describe(d)}: metadata.name is not a valid DNS-1123 name"
@@ -575,6 +895,8 @@ def check_names(docs: list[dict]) -> list[str]:
 
 def semantic_problems(docs: list[dict]) -> list[str]:
     problems = check_names(docs) + check_versions(docs) + check_mlflow(docs) + check_references(docs)
+    problems += check_mlflow_auth(docs) + check_network_policies(docs) + check_flows(docs)
+    problems += check_secrets_documented(docs)
     for doc in docs:
         if doc.get("kind") == "RayJob":
             problems += check_rayjob_fields(doc) + check_entrypoint(doc, docs)

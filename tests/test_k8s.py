@@ -314,6 +314,94 @@ def test_root_containers_and_secret_values_are_rejected(rendered):
     problems_about(docs, "Secret/mlflow-db", "must not live in the repository")
 
 
+# ---------------------------------------------------------------------------------------------
+# Access: MLflow login, NetworkPolicies, Secrets
+
+
+def mlflow_container(docs: list[dict]) -> dict:
+    return find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_entry(container: dict, name: str) -> dict:
+    return next(e for e in container["env"] if e["name"] == name)
+
+
+def test_mlflow_requires_a_login_with_credentials_from_secrets(rendered):
+    docs = mutated(rendered)
+    container = mlflow_container(docs)
+    container["args"].remove("--app-name=basic-auth")
+    problems_about(docs, "Deployment/mlflow", "--app-name=basic-auth")
+
+    docs = mutated(rendered)
+    env_entry(mlflow_container(docs), "MLFLOW_AUTH_ADMIN_PASSWORD").update(value="hunter2", valueFrom=None)
+    env_entry(mlflow_container(docs), "MLFLOW_AUTH_ADMIN_PASSWORD").pop("valueFrom")
+    problems_about(docs, "Deployment/mlflow", "MLFLOW_AUTH_ADMIN_PASSWORD must come from a Secret")
+
+    docs = mutated(rendered)
+    env_entry(mlflow_container(docs), "MLFLOW_AUTH_CONFIG_PATH")["value"] = "/etc/elsewhere/basic_auth.ini"
+    problems_about(docs, "Deployment/mlflow", "is not a file of a ConfigMap mounted there")
+
+    docs = mutated(rendered)
+    cm = find(docs, "ConfigMap", "mlflow-auth-config")
+    cm["data"]["basic_auth.ini"] = cm["data"]["basic_auth.ini"].replace("/mlflow/auth/", "/tmp/")
+    problems_about(docs, "Deployment/mlflow", "not on a PersistentVolumeClaim")
+
+    docs = mutated(rendered)
+    worker = gpu_worker_container(find(docs, "RayJob", "llm-1b-zero3"))
+    env_entry(worker, "MLFLOW_TRACKING_PASSWORD")["valueFrom"]["secretKeyRef"]["optional"] = True
+    problems_about(docs, "RayJob/llm-1b-zero3", "(gpu-workers)", "MLFLOW_TRACKING_PASSWORD", "Secret")
+
+
+def test_network_policies_isolate_mlflow_and_ray_and_allow_what_runs(rendered):
+    docs = rendered["gpu-8x"]
+    pods = {p.where: p for p in kv.all_pods(docs)}
+    head = pods["RayJob/clip-vitb32-cc12m (namespace dist-tempnet) head"]
+    worker = pods["RayJob/clip-vitb32-cc12m (namespace dist-tempnet) worker group 'gpu-workers'"]
+    submitter = pods["RayJob/clip-vitb32-cc12m (namespace dist-tempnet) submitter"]
+    mlflow = pods["Deployment/mlflow (namespace dist-tempnet)"]
+    postgres = pods["Deployment/mlflow-postgres (namespace dist-tempnet)"]
+    assert kv.admits(docs, worker, mlflow, 5000) and kv.admits(docs, head, mlflow, 5000)
+    assert not kv.admits(docs, submitter, mlflow, 5000) and not kv.admits(docs, postgres, mlflow, 5000)
+    assert kv.admits(docs, mlflow, postgres, 5432) and not kv.admits(docs, worker, postgres, 5432)
+    assert kv.admits(docs, submitter, head, 8265) and not kv.admits(docs, submitter, head, 6379)
+    assert kv.admits(docs, worker, head, None) and not kv.admits(docs, mlflow, head, 8265)
+
+    docs = mutated(rendered)
+    docs.remove(find(docs, "NetworkPolicy", "mlflow"))
+    problems_about(docs, "Deployment/mlflow", "no NetworkPolicy selects these pods")
+
+    docs = mutated(rendered)
+    find(docs, "NetworkPolicy", "ray")["spec"]["ingress"][1].pop("from")
+    problems_about(docs, "NetworkPolicy/ray", "spec.ingress[1] admits every source")
+
+    docs = mutated(rendered)
+    rule = find(docs, "NetworkPolicy", "mlflow")["spec"]["ingress"][0]
+    rule["from"][0]["podSelector"]["matchExpressions"][0]["values"] = ["ray-head"]
+    problems_about(docs, "worker group 'gpu-workers' cannot reach Deployment/mlflow", "port 5000")
+
+    docs = mutated(rendered)
+    submitter_labels = find(docs, "RayJob", "llm-1b-zero3")["spec"]["submitterPodTemplate"]["metadata"]
+    submitter_labels["labels"]["app.kubernetes.io/component"] = "submitter"
+    problems_about(docs, "RayJob/llm-1b-zero3 (namespace dist-tempnet) submitter cannot reach", "8265")
+
+
+def test_every_secret_the_pods_use_is_created_in_the_readme(rendered):
+    for docs in rendered.values():
+        assert kv.referenced_secrets(docs) == {
+            "mlflow-db": True,
+            "mlflow-auth": True,
+            "mlflow-client": True,
+            "ray-auth-token": True,
+            "mlflow-s3": False,
+        }
+    assert {"mlflow-db", "mlflow-auth", "mlflow-client", "ray-auth-token"} <= kv.documented_secrets(
+        REPO / "README.md", "Running on Kubernetes"
+    )
+    docs = mutated(rendered)
+    env_entry(mlflow_container(docs), "MLFLOW_AUTH_ADMIN_PASSWORD")["valueFrom"]["secretKeyRef"]["name"] = "x"
+    problems_about(docs, "Secret 'x'", "README.md's deploy steps")
+
+
 def test_host_rule_matches_mlflow():
     from mlflow.server.security_utils import is_allowed_host_header
 
