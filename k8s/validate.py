@@ -771,9 +771,10 @@ def _is_mlflow_server(container: dict[str, Any]) -> bool:
     return [*container.get("command", []), *container.get("args", [])][:2] == ["mlflow", "server"]
 
 
-def check_mlflow_auth(docs: list[dict]) -> list[str]:
-    """The MLflow server runs the basic-auth app with its secrets from Secrets and a config file
-    that is mounted; training pods authenticate with credentials from a Secret."""
+def check_mlflow_auth(docs: list[dict], dockerfile: str | None = None) -> list[str]:
+    """The MLflow server runs the basic-auth app (installed in the image) with its secrets from
+    Secrets and a config file that is mounted; training pods log in with credentials from a Secret."""
+    dockerfile = (K8S_DIR / "image" / "Dockerfile").read_text() if dockerfile is None else dockerfile
     problems = []
     for doc in docs:
         namespace = doc.get("metadata", {}).get("namespace", "")
@@ -786,6 +787,14 @@ def check_mlflow_auth(docs: list[dict]) -> list[str]:
                     problems.append(
                         f"{where}: mlflow server without --app-name=basic-auth accepts anyone who can "
                         "reach it"
+                    )
+                elif (
+                    split_image(c.get("image", ""))[0].endswith("dist-tempnet")
+                    and "mlflow[auth]" not in dockerfile
+                ):
+                    problems.append(
+                        f"{where}: the basic-auth app needs mlflow[auth] (Flask-WTF), which "
+                        "k8s/image/Dockerfile does not install"
                     )
                 for key in (
                     "MLFLOW_AUTH_ADMIN_USERNAME",

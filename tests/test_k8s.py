@@ -7,11 +7,16 @@ are made by mutating parsed ones.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -346,6 +351,10 @@ def test_mlflow_requires_a_login_with_credentials_from_secrets(rendered):
     cm["data"]["basic_auth.ini"] = cm["data"]["basic_auth.ini"].replace("/mlflow/auth/", "/tmp/")
     problems_about(docs, "Deployment/mlflow", "not on a PersistentVolumeClaim")
 
+    dockerfile = (REPO / "k8s" / "image" / "Dockerfile").read_text().replace("mlflow[auth]", "mlflow")
+    (hit,) = kv.check_mlflow_auth(rendered["gpu-8x"], dockerfile)
+    assert "Deployment/mlflow" in hit and "mlflow[auth]" in hit
+
     docs = mutated(rendered)
     worker = gpu_worker_container(find(docs, "RayJob", "llm-1b-zero3"))
     env_entry(worker, "MLFLOW_TRACKING_PASSWORD")["valueFrom"]["secretKeyRef"]["optional"] = True
@@ -400,6 +409,84 @@ def test_every_secret_the_pods_use_is_created_in_the_readme(rendered):
     docs = mutated(rendered)
     env_entry(mlflow_container(docs), "MLFLOW_AUTH_ADMIN_PASSWORD")["valueFrom"]["secretKeyRef"]["name"] = "x"
     problems_about(docs, "Secret 'x'", "README.md's deploy steps")
+
+
+@pytest.mark.slow
+def test_mlflow_server_as_deployed_requires_a_login(rendered, tmp_path, monkeypatch):
+    """The Deployment's command, args, Secret-fed variables and auth ConfigMap, run on 127.0.0.1:
+    anonymous and wrong-password requests get 401, the admin creates the training user as the
+    README's deploy step does, and that user can record a run."""
+    import requests
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    docs = rendered["gpu-8x"]
+    container = mlflow_container(docs)
+    ini = find(docs, "ConfigMap", "mlflow-auth-config")["data"]["basic_auth.ini"]
+    (tmp_path / "basic_auth.ini").write_text(ini.replace("sqlite:////mlflow/auth/", f"sqlite:///{tmp_path}/"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    local = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    args = [
+        f"{a.split('=')[0]}={local[a.split('=')[0]]}" if a.split("=")[0] in local else a
+        for a in container["args"]
+    ]
+    # The Secret mlflow-auth's keys, mapped to variables the way the manifest maps them.
+    secret = {"admin_username": "admin", "admin_password": "admin-password-123", "flask_secret_key": "k" * 32}
+    env = dict(
+        os.environ,
+        MLFLOW_BACKEND_STORE_URI=f"sqlite:///{tmp_path}/mlflow.db",
+        MLFLOW_ARTIFACTS_DESTINATION=str(tmp_path / "artifacts"),
+        MLFLOW_AUTH_CONFIG_PATH=str(tmp_path / "basic_auth.ini"),
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",  # no job-runner processes in a test
+    )
+    for e in container["env"]:
+        ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+        if ref.get("name") == "mlflow-auth":
+            env[e["name"]] = secret[ref["key"]]
+    assert container["command"] == ["mlflow", "server"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),  # noqa: SIM115
+        start_new_session=True,  # its own process group: stopped with its workers below
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if requests.get(f"{url}/health", timeout=30).ok:  # the readiness probe, unauthenticated
+                    break
+            except requests.RequestException:
+                pass  # not listening yet, or busy starting
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        search = f"{url}/api/2.0/mlflow/experiments/search"
+        assert requests.get(search, params={"max_results": 1}, timeout=30).status_code == 401
+        wrong = ("admin", "not-the-password")
+        assert requests.get(search, params={"max_results": 1}, auth=wrong, timeout=30).status_code == 401
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret["admin_password"])
+        AuthServiceClient(url).create_user("trainer", "trainer-password-123")
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "trainer-password-123")
+        client = MlflowClient(url)
+        run = client.create_run(client.create_experiment("dist_tempnet"))
+        client.log_metric(run.info.run_id, "loss", 1.5, step=1)
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "loss")] == [1.5]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 def test_host_rule_matches_mlflow():
