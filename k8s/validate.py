@@ -15,7 +15,9 @@ Validation:
 - semantics the schemas cannot express: ttlSecondsAfterFinished needs shutdownAfterJobFinishes,
   submissionMode is one KubeRay knows, GPU worker groups request nvidia.com/gpu, every Ray pod
   mounts a memory-backed /dev/shm, entrypoints are real `dist-tempnet` commands whose config is in
-  the mounted ConfigMap and validates (and fits the worker groups), one image at the project's
+  the mounted ConfigMap and validates (and fits the worker groups) and whose run.output_dir is on a
+  PVC every Ray pod mounts (object-store URIs are refused: the launcher treats them as local
+  paths), one image at the project's
   version everywhere and rayVersion = the pinned Ray, MLFLOW_TRACKING_URI names an existing Service
   whose server accepts that Host header, non-root security contexts, no Secret values;
 - access: the MLflow server runs its basic-auth app with admin credentials from a Secret and a
@@ -29,6 +31,7 @@ Validation:
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
 import os
@@ -407,7 +410,43 @@ def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
             cfg = check_cli_entrypoint(entrypoint, parser, lambda _path: str(local))
         except ConfigError as exc:
             return [f"{name}: the entrypoint's config does not validate: {exc}"]
-    return check_capacity(doc, cfg) if cfg is not None and args.command == "train" else []
+    if cfg is None or args.command != "train":
+        return []
+    return check_capacity(doc, cfg) + check_output_dir(doc, cfg)
+
+
+def check_output_dir(doc: dict[str, Any], cfg) -> list[str]:
+    """Checkpoints (run.output_dir, where Ray Train gathers every rank's files) go to a volume that
+    every Ray pod mounts and that outlives the Ray cluster, which KubeRay deletes after the job."""
+    from dist_tempnet.data.prepare import absolutize_paths
+
+    out = cfg.run.output_dir
+    if "://" in out:
+        # Ask the package how it treats the URI: today it resolves run.output_dir as a local path.
+        probe = copy.deepcopy(cfg)
+        absolutize_paths(probe)
+        if probe.run.output_dir == out:
+            return []
+        return [
+            f"{describe(doc)}: run.output_dir={out}: dist_tempnet treats it as a local path "
+            f"({probe.run.output_dir}), so checkpoints would stay in the pod and be lost; object-store "
+            "checkpoints are not supported by this version, use a path on the shared volume"
+        ]
+    problems = []
+    for g in ray_groups(doc):
+        volumes = {v["name"]: v for v in g.pod.get("spec", {}).get("volumes", [])}
+        for c in g.containers:
+            on_pvc = any(
+                Path(out).is_relative_to(m["mountPath"])
+                and "persistentVolumeClaim" in volumes.get(m["name"], {})
+                for m in c.get("volumeMounts", [])
+            )
+            if not on_pvc:
+                problems.append(
+                    f"{g.where}: run.output_dir={out} is not on a PersistentVolumeClaim mounted in "
+                    f"container {c.get('name')!r}: its checkpoints would be lost with the pod"
+                )
+    return problems
 
 
 def check_capacity(doc: dict[str, Any], cfg) -> list[str]:

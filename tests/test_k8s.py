@@ -270,6 +270,21 @@ def test_entrypoints_must_be_real_commands_with_valid_configs(rendered):
     problems_about(docs, "RayJob/llm-1b-zero3", "deepspeed.zero_stage")
 
 
+def test_checkpoints_must_outlive_the_ray_cluster(rendered):
+    """run.output_dir is on the shared PVC in every Ray pod; an object-store URI is refused while
+    the launcher resolves run.output_dir as a local path (checkpoints would stay in the pod)."""
+    docs = mutated(rendered, "cpu-demo")
+    job = find(docs, "RayJob", "clip-vitb32-cc12m")
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("/mnt/shared/runs", "/tmp/runs")
+    hits = problems_about(
+        docs, "RayJob/clip-vitb32-cc12m", "run.output_dir=/tmp/runs", "PersistentVolumeClaim"
+    )
+    assert len(hits) == 2  # head and worker group
+
+    job["spec"]["entrypoint"] = job["spec"]["entrypoint"].replace("/tmp/runs", "s3://ckpt/runs")
+    problems_about(docs, "run.output_dir=s3://ckpt/runs", "treats it as a local path", "not supported")
+
+
 def test_core_kinds_are_validated_strictly(rendered):
     docs = mutated(rendered)
     find(docs, "Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = (
