@@ -53,6 +53,8 @@ K8S_VERSION = "1.32.0"
 IMAGE_REPOSITORY = "ghcr.io/dist-tempnet/dist-tempnet"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+# What pyarrow (Ray Train's storage) needs on every Ray pod for an S3-compatible checkpoint store.
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 SCHEMAS_DIR = K8S_DIR / "schemas"  # the KubeRay CRDs, vendored (see its README.md)
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -421,18 +423,28 @@ def check_output_dir(doc: dict[str, Any], cfg) -> list[str]:
     from dist_tempnet.data.prepare import absolutize_paths
 
     out = cfg.run.output_dir
+    problems = []
     if "://" in out:
-        # Ask the package how it treats the URI: today it resolves run.output_dir as a local path.
+        # Ask the package how it treats the URI (a version without object-store support resolves
+        # it as a local path inside the pod).
         probe = copy.deepcopy(cfg)
         absolutize_paths(probe)
-        if probe.run.output_dir == out:
-            return []
-        return [
-            f"{describe(doc)}: run.output_dir={out}: dist_tempnet treats it as a local path "
-            f"({probe.run.output_dir}), so checkpoints would stay in the pod and be lost; object-store "
-            "checkpoints are not supported by this version, use a path on the shared volume"
-        ]
-    problems = []
+        if probe.run.output_dir != out:
+            problems.append(
+                f"{describe(doc)}: run.output_dir={out}: this version of dist_tempnet treats it as a "
+                f"local path ({probe.run.output_dir}), so checkpoints would stay in the pod and be lost; "
+                "object-store checkpoints are not supported by it, use a path on the shared volume"
+            )
+        for g in ray_groups(doc):
+            for c in g.containers:
+                missing = [k for k in OBJECT_STORE_ENV if not _secret_env(c, k)]
+                if missing:
+                    problems.append(
+                        f"{g.where}: run.output_dir={out} but container {c.get('name')!r} does not get "
+                        f"{', '.join(missing)} from a Secret (add the component "
+                        "k8s/components/s3-checkpoints)"
+                    )
+        return problems
     for g in ray_groups(doc):
         volumes = {v["name"]: v for v in g.pod.get("spec", {}).get("volumes", [])}
         for c in g.containers:
