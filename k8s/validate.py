@@ -98,7 +98,7 @@ def render(directory: str | Path) -> list[dict[str, Any]]:
     proc = subprocess.run([*kustomize_command(), str(directory)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RenderError(f"{directory}: kustomize failed: {proc.stderr.strip()}")
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return [d for d in yaml.load_all(proc.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
 
 
 def split_image(image: str) -> tuple[str, str, str]:
@@ -139,10 +139,16 @@ def strict_schema(node: Any) -> Any:
 _CRD_CACHE: dict[tuple[str, str], dict] = {}
 
 
+def load_crd(kind: str) -> dict[str, Any]:
+    """The vendored CRD of `kind` (libyaml's loader when present: the files are megabytes)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load((SCHEMAS_DIR / CRD_FILES[kind]).read_text(), Loader=loader)
+
+
 def crd_schema(kind: str, version: str) -> dict[str, Any]:
     key = (kind, version)
     if key not in _CRD_CACHE:
-        crd = yaml.safe_load((SCHEMAS_DIR / CRD_FILES[kind]).read_text())
+        crd = load_crd(kind)
         versions = {v["name"]: v for v in crd["spec"]["versions"]}
         if version not in versions:
             raise KeyError(f"{kind} has no version {version} in the CRD (has {', '.join(versions)})")

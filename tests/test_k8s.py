@@ -104,8 +104,9 @@ def test_configmap_holds_the_repository_configs(rendered):
 
 def test_crd_schemas_are_vendored_in_the_repository():
     assert kv.SCHEMAS_DIR == REPO / "k8s" / "schemas"
-    for name in kv.CRD_FILES.values():
-        crd = yaml.safe_load((kv.SCHEMAS_DIR / name).read_text())
+    for kind in kv.CRD_FILES:
+        crd = kv.load_crd(kind)
+        assert crd["spec"]["names"]["kind"] == kind
         assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["group"] == "ray.io"
         assert "v1" in {v["name"] for v in crd["spec"]["versions"]}
     assert "Apache License" in (kv.SCHEMAS_DIR / "LICENSE").read_text()
