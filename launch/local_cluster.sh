@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A local Ray head on 127.0.0.1 with token authentication, for trying `launch/submit.sh`.
+# A local Ray head with token authentication whose every listening socket is on 127.0.0.1, for
+# trying `launch/submit.sh`. Only this machine can reach it, and no other node can join it.
 #
 #   launch/local_cluster.sh start     # start the head (generates ~/.ray/auth_token if missing)
 #   launch/local_cluster.sh status    # is it up? (ray status + the job list)
@@ -11,6 +12,12 @@
 # cores), DT_RAY_TEMP_DIR (Ray session files, default /tmp/dt_ray_<port>), DT_CLUSTER_STATE (pid and
 # log files, default ~/.cache/dist_tempnet/ray-<port>), DT_START_TIMEOUT (seconds, default 180).
 # Needs curl (readiness check).
+#
+# Exposure: `ray start --node-ip-address 127.0.0.1` alone is not enough, because Ray swaps a loopback
+# node IP for the machine's routable one, and the GCS, raylet, agents and client server bind to the
+# node IP. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (Ray's single-node mode, the default on macOS)
+# keeps 127.0.0.1. Everything the script writes is private to the user (umask 077): the token file
+# is 0600, and Ray's session files (whose folders Ray makes world-writable) sit in a 0700 folder.
 #
 # The head runs as `ray start --block` in its own process group, so `stop` signals that group
 # only and leaves any other Ray on this machine alone (`ray stop` would kill every Ray of the user).
@@ -27,6 +34,10 @@ address="http://127.0.0.1:${dashboard_port}"
 
 # Token auth everywhere: the head, its job drivers (they inherit this environment) and clients.
 export RAY_AUTH_MODE=token
+# Keep the node IP 127.0.0.1 (see the top of this file), for the head and the jobs it runs.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+# Files and folders this script and the head create are the user's only (logs, token, job files).
+umask 077
 
 die() { echo "local_cluster.sh: $*" >&2; exit 1; }
 
@@ -48,11 +59,24 @@ head_pid() {
 
 ensure_token() {
     # RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH win over the file; only generate when there is nothing.
-    if [[ -n "${RAY_AUTH_TOKEN:-}" || -n "${RAY_AUTH_TOKEN_PATH:-}" || -s "$HOME/.ray/auth_token" ]]; then
-        return
+    local file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
+    if [[ -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" && ! -s "$file" ]]; then
+        "$RAY" get-auth-token --generate >/dev/null
+        echo "generated a Ray auth token in $file"
     fi
-    "$RAY" get-auth-token --generate >/dev/null
-    echo "generated a Ray auth token in $HOME/.ray/auth_token"
+    # Whoever reads the token controls the cluster: owner-only, also for a token file made earlier.
+    if [[ -f "$file" && -O "$file" && -n "$(find "$file" -perm /077)" ]]; then
+        chmod 600 "$file"
+        echo "made $file readable by you only (mode 0600)"
+    fi
+}
+
+private_temp_dir() {
+    # Ray makes its temp dir and session folders world-writable (0777): put them in a folder only
+    # we can enter. It must be ours: a folder someone else created there could be swapped under us.
+    mkdir -p "$temp_dir"
+    [[ -O "$temp_dir" && ! -L "$temp_dir" ]] || die "$temp_dir is not owned by you: choose DT_RAY_TEMP_DIR"
+    chmod 700 "$temp_dir"
 }
 
 auth_header() {
@@ -90,12 +114,13 @@ start() {
     done
     mkdir -p "$state"
     ensure_token
+    private_temp_dir
     # setsid: the head and everything it spawns share a new process group we can stop as a unit.
     # No drain wait on SIGTERM: a local head serves no traffic that needs draining.
     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid "$RAY" start --head --block \
         --node-ip-address 127.0.0.1 --port "$port" \
         --dashboard-host 127.0.0.1 --dashboard-port "$dashboard_port" --include-dashboard true \
-        --num-cpus "$num_cpus" --temp-dir "$temp_dir" --disable-usage-stats \
+        --num-cpus "$num_cpus" --temp-dir "$temp_dir/ray" --disable-usage-stats \
         --ray-client-server-port "$((port + 1))" --dashboard-agent-listen-port "$((port + 2))" \
         --dashboard-agent-grpc-port "$((port + 3))" --runtime-env-agent-port "$((port + 4))" \
         --metrics-export-port "$((port + 5))" \

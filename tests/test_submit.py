@@ -8,14 +8,17 @@ run, and stop the head (always).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,6 +166,7 @@ def local_cluster(tmp_path_factory):
         DT_DASHBOARD_PORT=str(dashboard),
         DT_NUM_CPUS="2",
         DT_RAY_TEMP_DIR=f"/tmp/dt_ray_test_{port}",
+        DT_CLUSTER_STATE=str(home / "state"),
     )
     # The temporary HOME would otherwise make DeepSpeed rebuild its CPU comm op (minutes).
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
@@ -236,6 +240,55 @@ def test_local_cluster_requires_the_token_and_runs_a_trivial_job(local_cluster):
         assert time.monotonic() < deadline, f"job {job_id} still {status}"
         time.sleep(2)
     assert status == "SUCCEEDED"
+
+
+def _is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return (mapped or address).is_loopback
+
+
+def _listening_sockets(process_group: int) -> list[tuple[str, Any]]:
+    """(process name, local address) of every listening TCP socket of a process group."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if os.getpgid(proc.pid) == process_group:
+                found += [
+                    (proc.info["name"], c.laddr)
+                    for c in proc.net_connections(kind="inet")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+        except (psutil.Error, ProcessLookupError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_local_cluster_listens_on_loopback_only_and_keeps_its_files_private(local_cluster):
+    """Every listening TCP socket of the head's processes (GCS, raylet, agents, client server,
+    dashboard, metrics) is on 127.0.0.1/::1; the token and Ray's session files are the user's only."""
+    env = local_cluster
+    head = int((Path(env["DT_CLUSTER_STATE"]) / "head.pid").read_text())
+    port = int(env["DT_RAY_PORT"])
+    # GCS, client server, dashboard agent (HTTP, gRPC), runtime-env agent, metrics, dashboard.
+    expected = {*range(port, port + 6), int(env["DT_DASHBOARD_PORT"])}
+    deadline = time.monotonic() + 120  # the agents come up a little after the Jobs API
+    while True:
+        listening = _listening_sockets(head)
+        if expected <= {addr.port for _, addr in listening} or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert expected <= {addr.port for _, addr in listening}, listening
+    exposed = [(name, f"{addr.ip}:{addr.port}") for name, addr in listening if not _is_loopback(addr.ip)]
+    assert exposed == [], f"Ray head sockets reachable from other machines: {exposed}"
+
+    token = Path(env["HOME"]) / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600, oct(token.stat().st_mode)
+    # Ray chmods its session folders to 0777; the folder around them keeps other users out.
+    assert stat.S_IMODE(Path(env["DT_RAY_TEMP_DIR"]).stat().st_mode) == 0o700
 
 
 @pytest.mark.slow
