@@ -8,8 +8,8 @@ cluster.
 Failures and resumes:
 - a worker that dies makes Ray Train restart the whole worker group (up to `ray.max_failures`
   times); the workers load the run's latest reported checkpoint and continue the same MLflow run;
-- submitting again with the same `run.name` and `run.output_dir` makes Ray resume that run from its
-  latest checkpoint; the driver then reopens the MLflow run recorded in that checkpoint;
+- a new `train` whose `run.name` already has checkpoints stops before anything starts (it would
+  otherwise silently continue that run: Ray resumes a run of the same name and storage by itself);
 - `dist-tempnet train --resume X` (X: a checkpoint, a run directory or an MLflow run id) continues
   from that checkpoint with its own config plus the given overrides, under a fresh Ray run name so
   that Ray's own restore never substitutes another checkpoint for the chosen one.
@@ -42,8 +42,11 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str = ""
     wall_time_s: float = 0.0
+    note: str = ""  # set when nothing was run (e.g. a resume past train.steps)
 
     def lines(self) -> list[str]:
+        if self.note:
+            return [self.note]
         m = self.metrics
         out = [f"MLflow run id: {self.run_id or '(tracking disabled)'}"]
         if self.tracking_uri:
@@ -257,25 +260,30 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
 
     `resume_from`: a checkpoint directory to continue from (see `config_for_resume` for its config).
     """
-    from dist_tempnet.runtime.checkpoint import latest_checkpoint
+    from dist_tempnet.driver.resume import check_resume, refuse_existing_run, steps_left
+    from dist_tempnet.runtime.checkpoint import read_meta
 
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
-    prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
-    prepare_data(cfg)
     storage = Path(cfg.run.output_dir) / "ray"
     resume = Path(resume_from).resolve() if resume_from else None
-    continuing = resume
-    if resume is None and use_ray:
-        # Ray Train resumes a run of the same name and storage from its latest checkpoint by itself.
-        continuing = latest_checkpoint(storage / cfg.run.name)
-        if continuing is not None:
-            logger.info(
-                f"Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
-                f"{continuing} (choose another run.name for a fresh run)",
+    # Run identity, before anything starts (data, MLflow, Ray).
+    if resume is None:
+        refuse_existing_run(cfg, use_ray)
+    else:
+        world = cfg.ray.num_workers if use_ray else int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume(cfg, resume, world)
+        if steps_left(cfg, resume) <= 0:
+            note = (
+                f"nothing to train: checkpoint {resume} is at step {read_meta(resume)['step']} and "
+                f"train.steps={cfg.train.steps}; pass a larger train.steps to continue it (MLflow untouched)"
             )
-    uri, run_id, tracker, previous_status = _open_tracking(cfg, continuing)
+            logger.warning(note)
+            return RunSummary("", "", checkpoint=str(resume), note=note)
+    prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
+    prepare_data(cfg)
+    uri, run_id, tracker, previous_status = _open_tracking(cfg, resume)
     spec = WorkerSpec(
         cfg.to_dict(),
         tracking_uri=uri,
