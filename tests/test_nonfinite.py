@@ -113,8 +113,17 @@ def test_nonfinite_step_skipped_at_every_zero_stage_and_accumulation(clip_data, 
 
 
 @pytest.mark.multiproc
-def test_nonfinite_on_one_rank_skips_the_step_on_all(clip_data, tmp_path):
+def test_nonfinite_on_one_rank_skips_the_step_on_all(clip_data, tmp_path, capsys):
     setups = [(2, 2, [1])]  # NaN in rank 1's last micro-batch only
     results = run_distributed(_nan_worker, 2, str(clip_data), str(tmp_path), setups, 1, timeout=300)
     for r in results:
         _check(r, setups)
+    # `export` takes the run directory, as `eval` does (its newest complete checkpoint), and names a
+    # path that does not exist as such.
+    from dist_tempnet.commands.cli import main
+
+    assert main(["export", "--checkpoint", str(tmp_path / "z2-a2"), "--out", str(tmp_path / "exp")]) == 0
+    assert (tmp_path / "exp" / "tempnet.safetensors").is_file()
+    assert main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "incomplete" not in err, err

@@ -17,14 +17,16 @@ Failures and resumes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_tempnet.config import Config
+from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
 from dist_tempnet.runtime.spec import WorkerSpec
 
@@ -117,11 +119,70 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def _is_jobs_api(address: str) -> bool:
+    return address.startswith(("http://", "https://"))
+
+
+def check_ray_address(cfg: Config) -> None:
+    """`ray.address` must be an address `ray.init` can join, not a Jobs API URL (before anything starts)."""
+    if _is_jobs_api(cfg.ray.address):
+        raise ConfigError(
+            f"ray.address={cfg.ray.address!r} is a Ray Jobs API (dashboard) URL; `train` joins a cluster "
+            "through its GCS or client address (ray.address=HEAD:6379 or ray://HEAD:10001). To run the "
+            f"job on that cluster through the Jobs API: dist-tempnet submit --address {cfg.ray.address} "
+            "-- dist-tempnet train ..."
+        )
+
+
+def resolve_ray_address(cfg: Config) -> str:
+    """The cluster `train` joins: `ray.address`, else RAY_ADDRESS, else '' (start a local Ray).
+
+    RAY_ADDRESS also names a cluster's Jobs API (http(s)://head:8265), which `ray job` and
+    `dist-tempnet submit` use and `ray.init` cannot join: such a value is ignored, with a log line."""
+    check_ray_address(cfg)
+    if cfg.ray.address:
+        return cfg.ray.address
+    env = os.environ.get("RAY_ADDRESS", "")
+    if _is_jobs_api(env):
+        logger.warning(
+            f"RAY_ADDRESS={env} is a Ray Jobs API address (used by `dist-tempnet submit`), not one `train` "
+            "can join: starting a local Ray instead. To run on that cluster: dist-tempnet submit -- "
+            "dist-tempnet train ...; to join a cluster directly: ray.address=HEAD:6379 or ray://HEAD:10001"
+        )
+        return ""
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, remove) environment variables of this process for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _init_ray(cfg: Config) -> bool:
     """Start or join Ray; return whether workers get GPUs."""
     import ray
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = resolve_ray_address(cfg)
     if ray.is_initialized():
         pass
     elif address:
@@ -130,17 +191,25 @@ def _init_ray(cfg: Config) -> bool:
         import torch
 
         need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-        ray.init(
-            num_cpus=max(need, os.cpu_count() or 1),
-            num_gpus=torch.cuda.device_count(),
-            # The dashboard serves the State API that Ray Train's placement-group cleaner polls
-            # (without it, it warns every few seconds) and the Jobs API.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            configure_logging=True,
-        )
+        # Ray's helpers that take no address (Ray Train's PlacementGroupCleaner actor polls the State
+        # API) look for "the" local Ray and fail with "Found multiple active Ray instances" when
+        # another one runs on this machine: the instance gets a known GCS port, and every process of
+        # the job its address (the job's runtime env; fit_with_ray sets it in this process).
+        own = f"127.0.0.1:{_free_port()}"
+        # ray.init would read RAY_ADDRESS (e.g. a Jobs API URL) and try to join it.
+        with _environ(RAY_ADDRESS=None, RAY_GCS_SERVER_PORT=own.rpartition(":")[2]):
+            ray.init(
+                num_cpus=max(need, os.cpu_count() or 1),
+                num_gpus=torch.cuda.device_count(),
+                # The dashboard serves the State API that Ray Train's placement-group cleaner polls
+                # (without it, it warns every few seconds) and the Jobs API.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                configure_logging=True,
+                runtime_env={"env_vars": {"RAY_ADDRESS": own}},
+            )
     if cfg.ray.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
     return cfg.ray.use_gpu == "true"
@@ -159,6 +228,7 @@ def _checkpoint_config(cfg: Config):
 
 
 def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
+    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -184,7 +254,9 @@ def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
             logging_config=LoggingConfig(log_level="WARNING" if cfg.ray.quiet else "INFO"),
         ),
     )
-    return trainer.fit()
+    # Ray's driver-side helpers without an address find this job's instance (see _init_ray).
+    with _environ(RAY_ADDRESS=ray.get_runtime_context().gcs_address):
+        return trainer.fit()
 
 
 def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
@@ -268,6 +340,8 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
     _quiet_ray()
     storage = Path(cfg.run.output_dir) / "ray"
     resume = Path(resume_from).resolve() if resume_from else None
+    if use_ray:
+        check_ray_address(cfg)
     # Run identity, before anything starts (data, MLflow, Ray).
     if resume is None:
         refuse_existing_run(cfg, use_ray)
