@@ -57,7 +57,7 @@ def test_jobs_api_url_in_the_environment_is_not_joined(monkeypatch, caplog):
 
 OTHER_RAY = """
 import sys, ray
-ray.init(num_cpus=1, include_dashboard=False)
+ray.init(address="local", num_cpus=1, include_dashboard=False)
 print("other Ray up", flush=True)
 sys.stdin.read()  # until the test closes stdin
 ray.shutdown()

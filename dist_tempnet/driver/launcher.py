@@ -198,7 +198,10 @@ def _init_ray(cfg: Config) -> bool:
         own = f"127.0.0.1:{_free_port()}"
         # ray.init would read RAY_ADDRESS (e.g. a Jobs API URL) and try to join it.
         with _environ(RAY_ADDRESS=None, RAY_GCS_SERVER_PORT=own.rpartition(":")[2]):
+            # "local": a new instance even where `ray start` left /tmp/ray/ray_current_cluster (ray.init
+            # would otherwise join that cluster, and refuse num_cpus for it).
             ray.init(
+                address="local",
                 num_cpus=max(need, os.cpu_count() or 1),
                 num_gpus=torch.cuda.device_count(),
                 # The dashboard serves the State API that Ray Train's placement-group cleaner polls
