@@ -131,7 +131,7 @@ start() {
         exit 1
     fi
     echo "Ray head up: GCS 127.0.0.1:$port, Jobs API $address, $num_cpus CPUs, token auth on"
-    echo "use it with:  export RAY_ADDRESS=$address RAY_AUTH_MODE=token"
+    echo "use it with:  launch/submit.sh --address $address -- dist-tempnet train ..."
 }
 
 wait_for_exit() {

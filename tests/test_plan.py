@@ -218,6 +218,34 @@ def test_activation_formulas_match_saved_tensors():
         assert predicted == pytest.approx(measured, rel=0.05), style
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_offloaded_optimizer_state_counts_on_the_host(stage, capsys):
+    """deepspeed.offload_optimizer (ZeRO-Offload): fp32 master weights, Adam moments and the fp32
+    gradient partition of the step live in host memory, not on the GPU."""
+    p, k = 1_000_000_000, 8
+    shape = synthetic_shape(p, 50_000_000)
+    on = planner.model_state_items(shape, stage, "bf16", k, "cuda", offload_optimizer=True)
+    off = planner.model_state_items(shape, stage, "bf16", k, "cuda")
+
+    def total(items, where):
+        return sum(i.bytes for i in items if i.where == where)
+
+    host = {i.name.split(" (")[0]: i.bytes for i in on if i.where == "host"}
+    assert host["Adam moments"] == 8 * p / k and host["fp32 master weights"] == 4 * p / k
+    assert not any(i.name.startswith(("Adam", "fp32 master")) for i in on if i.where == "gpu")
+    assert total(off, "gpu") - total(on, "gpu") >= 12 * p / k
+    assert total(on, "gpu") + total(on, "host") >= total(off, "gpu"), "moved, not dropped"
+
+    overrides = [f"deepspeed.zero_stage={stage}", "deepspeed.offload_optimizer=true"]
+    cfg = load_config(str(LLM_ZERO3), overrides)
+    plain = planner.make_plan(load_config(str(LLM_ZERO3), overrides[:1]), 8, 80)
+    offloaded = planner.make_plan(cfg, 8, 80)
+    assert offloaded.peak_bytes < plain.peak_bytes
+    rc = main(["plan", "--config", str(LLM_ZERO3), "--gpus", "8", "--gpu-mem", "80", *overrides])
+    out = capsys.readouterr().out
+    assert rc == 0 and "host memory per worker" in out and "Adam moments" in out.split("host memory")[1]
+
+
 def test_infeasible_config_is_rejected_with_the_reason(capsys):
     cfg = load_config(str(LLM_ZERO3), ["deepspeed.zero_stage=0", "train.activation_checkpointing=false"])
     plan = planner.make_plan(cfg, 8, 24)

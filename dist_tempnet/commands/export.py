@@ -4,17 +4,25 @@ model directory + tempnet.safetensors, loadable without DeepSpeed."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from dist_tempnet.runtime.checkpoint import read_meta
+from dist_tempnet.runtime.evaluation import EvalError, resolve_checkpoint_dir
 from dist_tempnet.runtime.export import export_checkpoint
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = export_checkpoint(args.checkpoint, args.out)
-    print(f"exported {args.checkpoint} → {out}")
+    # The same forms `eval` accepts: a checkpoint, or a run directory (its newest complete checkpoint).
+    try:
+        checkpoint = resolve_checkpoint_dir(args.checkpoint)
+    except EvalError as exc:
+        print(f"dist-tempnet export: {exc}", file=sys.stderr)
+        return 2
+    out = export_checkpoint(checkpoint, args.out)
+    print(f"exported {checkpoint} → {out}")
     if args.log_to_mlflow:
-        meta = read_meta(Path(args.checkpoint))
+        meta = read_meta(checkpoint)
         run_id = args.run_id or meta.get("mlflow_run_id", "")
         if not run_id:
             raise SystemExit("--log-to-mlflow: no run id in the checkpoint; pass --run-id")
@@ -31,7 +39,12 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate a checkpoint into a transformers model dir + TempNet")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (with meta.json)")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint directory (with meta.json) or a run directory (its newest complete checkpoint)",
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--log-to-mlflow", action="store_true")
     p.add_argument("--run-id", default="")

@@ -8,8 +8,8 @@ cluster.
 Failures and resumes:
 - a worker that dies makes Ray Train restart the whole worker group (up to `ray.max_failures`
   times); the workers load the run's latest reported checkpoint and continue the same MLflow run;
-- submitting again with the same `run.name` and `run.output_dir` makes Ray resume that run from its
-  latest checkpoint; the driver then reopens the MLflow run recorded in that checkpoint;
+- a new `train` whose `run.name` already has checkpoints stops before anything starts (it would
+  otherwise silently continue that run: Ray resumes a run of the same name and storage by itself);
 - `dist-tempnet train --resume X` (X: a checkpoint, a run directory or an MLflow run id) continues
   from that checkpoint with its own config plus the given overrides, under a fresh Ray run name so
   that Ray's own restore never substitutes another checkpoint for the chosen one.
@@ -17,14 +17,16 @@ Failures and resumes:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dist_tempnet.config import Config
+from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
 from dist_tempnet.runtime.spec import WorkerSpec
 
@@ -42,8 +44,11 @@ class RunSummary:
     metrics: dict[str, float] = field(default_factory=dict)
     checkpoint: str = ""
     wall_time_s: float = 0.0
+    note: str = ""  # set when nothing was run (e.g. a resume past train.steps)
 
     def lines(self) -> list[str]:
+        if self.note:
+            return [self.note]
         m = self.metrics
         out = [f"MLflow run id: {self.run_id or '(tracking disabled)'}"]
         if self.tracking_uri:
@@ -114,11 +119,70 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
     return env
 
 
+def _is_jobs_api(address: str) -> bool:
+    return address.startswith(("http://", "https://"))
+
+
+def check_ray_address(cfg: Config) -> None:
+    """`ray.address` must be an address `ray.init` can join, not a Jobs API URL (before anything starts)."""
+    if _is_jobs_api(cfg.ray.address):
+        raise ConfigError(
+            f"ray.address={cfg.ray.address!r} is a Ray Jobs API (dashboard) URL; `train` joins a cluster "
+            "through its GCS or client address (ray.address=HEAD:6379 or ray://HEAD:10001). To run the "
+            f"job on that cluster through the Jobs API: dist-tempnet submit --address {cfg.ray.address} "
+            "-- dist-tempnet train ..."
+        )
+
+
+def resolve_ray_address(cfg: Config) -> str:
+    """The cluster `train` joins: `ray.address`, else RAY_ADDRESS, else '' (start a local Ray).
+
+    RAY_ADDRESS also names a cluster's Jobs API (http(s)://head:8265), which `ray job` and
+    `dist-tempnet submit` use and `ray.init` cannot join: such a value is ignored, with a log line."""
+    check_ray_address(cfg)
+    if cfg.ray.address:
+        return cfg.ray.address
+    env = os.environ.get("RAY_ADDRESS", "")
+    if _is_jobs_api(env):
+        logger.warning(
+            f"RAY_ADDRESS={env} is a Ray Jobs API address (used by `dist-tempnet submit`), not one `train` "
+            "can join: starting a local Ray instead. To run on that cluster: dist-tempnet submit -- "
+            "dist-tempnet train ...; to join a cluster directly: ray.address=HEAD:6379 or ray://HEAD:10001"
+        )
+        return ""
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, remove) environment variables of this process for the block."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _init_ray(cfg: Config) -> bool:
     """Start or join Ray; return whether workers get GPUs."""
     import ray
 
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS", "")
+    address = resolve_ray_address(cfg)
     if ray.is_initialized():
         pass
     elif address:
@@ -127,17 +191,28 @@ def _init_ray(cfg: Config) -> bool:
         import torch
 
         need = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-        ray.init(
-            num_cpus=max(need, os.cpu_count() or 1),
-            num_gpus=torch.cuda.device_count(),
-            # The dashboard serves the State API that Ray Train's placement-group cleaner polls
-            # (without it, it warns every few seconds) and the Jobs API.
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            logging_level=logging.WARNING,
-            log_to_driver=True,
-            configure_logging=True,
-        )
+        # Ray's helpers that take no address (Ray Train's PlacementGroupCleaner actor polls the State
+        # API) look for "the" local Ray and fail with "Found multiple active Ray instances" when
+        # another one runs on this machine: the instance gets a known GCS port, and every process of
+        # the job its address (the job's runtime env; fit_with_ray sets it in this process).
+        own = f"127.0.0.1:{_free_port()}"
+        # ray.init would read RAY_ADDRESS (e.g. a Jobs API URL) and try to join it.
+        with _environ(RAY_ADDRESS=None, RAY_GCS_SERVER_PORT=own.rpartition(":")[2]):
+            # "local": a new instance even where `ray start` left /tmp/ray/ray_current_cluster (ray.init
+            # would otherwise join that cluster, and refuse num_cpus for it).
+            ray.init(
+                address="local",
+                num_cpus=max(need, os.cpu_count() or 1),
+                num_gpus=torch.cuda.device_count(),
+                # The dashboard serves the State API that Ray Train's placement-group cleaner polls
+                # (without it, it warns every few seconds) and the Jobs API.
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                logging_level=logging.WARNING,
+                log_to_driver=True,
+                configure_logging=True,
+                runtime_env={"env_vars": {"RAY_ADDRESS": own}},
+            )
     if cfg.ray.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) >= 1
     return cfg.ray.use_gpu == "true"
@@ -156,6 +231,7 @@ def _checkpoint_config(cfg: Config):
 
 
 def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
+    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -181,7 +257,9 @@ def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
             logging_config=LoggingConfig(log_level="WARNING" if cfg.ray.quiet else "INFO"),
         ),
     )
-    return trainer.fit()
+    # Ray's driver-side helpers without an address find this job's instance (see _init_ray).
+    with _environ(RAY_ADDRESS=ray.get_runtime_context().gcs_address):
+        return trainer.fit()
 
 
 def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
@@ -257,25 +335,32 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
 
     `resume_from`: a checkpoint directory to continue from (see `config_for_resume` for its config).
     """
-    from dist_tempnet.runtime.checkpoint import latest_checkpoint
+    from dist_tempnet.driver.resume import check_resume, refuse_existing_run, steps_left
+    from dist_tempnet.runtime.checkpoint import read_meta
 
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
-    prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
-    prepare_data(cfg)
     storage = Path(cfg.run.output_dir) / "ray"
     resume = Path(resume_from).resolve() if resume_from else None
-    continuing = resume
-    if resume is None and use_ray:
-        # Ray Train resumes a run of the same name and storage from its latest checkpoint by itself.
-        continuing = latest_checkpoint(storage / cfg.run.name)
-        if continuing is not None:
-            logger.info(
-                f"Ray run '{cfg.run.name}' exists in {storage}: Ray resumes it from "
-                f"{continuing} (choose another run.name for a fresh run)",
+    if use_ray:
+        check_ray_address(cfg)
+    # Run identity, before anything starts (data, MLflow, Ray).
+    if resume is None:
+        refuse_existing_run(cfg, use_ray)
+    else:
+        world = cfg.ray.num_workers if use_ray else int(os.environ.get("WORLD_SIZE", "1"))
+        check_resume(cfg, resume, world)
+        if steps_left(cfg, resume) <= 0:
+            note = (
+                f"nothing to train: checkpoint {resume} is at step {read_meta(resume)['step']} and "
+                f"train.steps={cfg.train.steps}; pass a larger train.steps to continue it (MLflow untouched)"
             )
-    uri, run_id, tracker, previous_status = _open_tracking(cfg, continuing)
+            logger.warning(note)
+            return RunSummary("", "", checkpoint=str(resume), note=note)
+    prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
+    prepare_data(cfg)
+    uri, run_id, tracker, previous_status = _open_tracking(cfg, resume)
     spec = WorkerSpec(
         cfg.to_dict(),
         tracking_uri=uri,

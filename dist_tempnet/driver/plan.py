@@ -365,8 +365,14 @@ def activation_bytes(shape: ModelShape, cfg: Config, act_bytes: int) -> tuple[fl
     return total, how
 
 
-def model_state_items(shape: ModelShape, stage: int, precision: str, k: int, device: str) -> list[MemoryItem]:
-    """Parameters, gradients, optimizer states and ZeRO buffers per GPU (module docstring table)."""
+def model_state_items(
+    shape: ModelShape, stage: int, precision: str, k: int, device: str, offload_optimizer: bool = False
+) -> list[MemoryItem]:
+    """Parameters, gradients, optimizer states and ZeRO buffers per GPU (module docstring table).
+
+    With `offload_optimizer` (ZeRO-Offload, stage >= 1 only: runtime.engine ignores it at stage 0) the
+    fp32 master partition, the Adam moments, the fp32 gradient partition of the step and the step's
+    temporaries are held in host memory instead of on the GPU."""
     p, f = shape.trainable_params, shape.frozen_params
     lp = 2 if precision == "bf16" else 4  # 16-bit params/grads in bf16 training, fp32 otherwise
     shard = k if stage >= 1 else 1
@@ -410,10 +416,20 @@ def model_state_items(shape: ModelShape, stage: int, precision: str, k: int, dev
         items.append(
             MemoryItem("ZeRO-3 gathered layer (params + grads)", 4 * shape.largest_layer_params, "backward")
         )
-    if device == "cpu":
+    offload = offload_optimizer and stage >= 1 and device == "cuda"
+    if offload:
+        for item in items:
+            if item.name.startswith(_OFFLOADED):
+                item.where = "host"
+    if device == "cpu" or offload:
         # torch's foreach AdamW allocates the sqrt(v) denominator and the update; CUDA uses fused AdamW.
-        items.append(MemoryItem("AdamW step temporaries (CPU foreach)", 8 * p / shard, "step"))
+        where = "host" if offload else "gpu"
+        items.append(MemoryItem("AdamW step temporaries (CPU foreach)", 8 * p / shard, "step", where))
     return items
+
+
+# What ZeRO-Offload moves to host memory (item names of model_state_items).
+_OFFLOADED = ("Adam moments", "fp32 master weights", "flat fp32 gradient copy", "fp32 gradients for the step")
 
 
 def lm_loss_items(shape: ModelShape, cfg: Config, act_bytes: int) -> tuple[list[MemoryItem], float]:
@@ -575,7 +591,7 @@ def make_plan(
         num_samples, source = default_num_samples(cfg)
         if shape.task == "clip" and cfg.loss.name != "clip":
             notes.append(f"DRO state sized for {num_samples:,} samples ({source})")
-    memory = model_state_items(shape, stage, t.precision, gpus, device)
+    memory = model_state_items(shape, stage, t.precision, gpus, device, cfg.deepspeed.offload_optimizer)
     acts, act_note = activation_bytes(shape, cfg, act_bytes)
     memory.append(MemoryItem(f"activations (micro batch {t.micro_batch_size}, {act_note})", acts, "backward"))
     plain = 0.0
@@ -638,6 +654,8 @@ def suggestions(plan: Plan) -> str:
         tips.append("deepspeed.zero_stage=3")
     if plan.shape.task == "lm" and not cfg.train.activation_checkpointing and not plan.shape.frozen_params:
         tips.append("train.activation_checkpointing=true")
+    if cfg.deepspeed.zero_stage >= 1 and not cfg.deepspeed.offload_optimizer and plan.device == "cuda":
+        tips.append("deepspeed.offload_optimizer=true")
     if cfg.train.micro_batch_size > 1:
         tips.append(f"train.micro_batch_size={cfg.train.micro_batch_size // 2}")
     if cfg.train.precision == "fp32":

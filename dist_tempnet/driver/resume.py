@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from dist_tempnet.config import Config, load_config
+from dist_tempnet.config import Config, ConfigError, load_config
 from dist_tempnet.runtime.checkpoint import COMPLETE, META, latest_checkpoint, read_meta, verify_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -71,3 +71,73 @@ def config_for_resume(checkpoint: Path, overrides: list[str] | None = None) -> C
         path = Path(tmp) / f"config of {Path(checkpoint).name}.yaml"
         path.write_text(yaml.safe_dump(meta["config"], sort_keys=False))
         return load_config(path, overrides)
+
+
+def run_checkpoint_dir(cfg: Config, use_ray: bool) -> Path:
+    """Where a run named `run.name` keeps its checkpoints: Ray's run directory (Ray resumes a run of
+    the same name and storage from it by itself), or the LocalSink's directory without Ray."""
+    output = Path(cfg.run.output_dir)
+    return output / "ray" / cfg.run.name if use_ray else output / cfg.run.name / "checkpoints"
+
+
+def refuse_existing_run(cfg: Config, use_ray: bool) -> None:
+    """A new `train` (no --resume) must not silently continue another run of the same name."""
+    root = run_checkpoint_dir(cfg, use_ray)
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return
+    step = read_meta(latest).get("step", "?")
+    raise ConfigError(
+        f"run.name={cfg.run.name!r} already exists: {root} holds checkpoints (latest: {latest.name}, step "
+        f"{step}). Nothing was started. To continue that run: dist-tempnet train --resume {root} "
+        f"[overrides, e.g. train.steps=...]; for a new run: choose another run.name (e.g. "
+        f"run.name={cfg.run.name}-2) or another run.output_dir"
+    )
+
+
+# Config keys a checkpoint cannot be loaded under when they change: the model and loss shape the
+# saved tensors, the ZeRO stage their partitioning.
+_FIXED_ON_RESUME = (
+    ("run", "task"),
+    ("model", "preset"),
+    ("model", "pretrained"),
+    ("model", "overrides"),
+    ("loss", "name"),
+    ("loss", "num_prototypes"),
+    ("loss", "tempnet_hidden"),
+    ("deepspeed", "zero_stage"),
+)
+
+
+def check_resume(cfg: Config, checkpoint: Path, world_size: int) -> None:
+    """Before any worker starts: the checkpoint fits the run that is to continue from it.
+
+    The model, loss and ZeRO stage must be the checkpoint's; the world size may change (elastic
+    resume: runtime.checkpoint.restore re-partitions the ZeRO state through DeepSpeed's universal
+    format and the task re-shards its DRO state), which is logged."""
+    meta = read_meta(checkpoint)
+    saved = meta["config"]
+    new = cfg.to_dict()
+    differs = [
+        f"{section}.{key}: checkpoint {saved.get(section, {}).get(key)!r}, this run {new[section][key]!r}"
+        for section, key in _FIXED_ON_RESUME
+        if saved.get(section, {}).get(key) != new[section][key]
+    ]
+    if differs:
+        raise ConfigError(
+            f"--resume {checkpoint}: this run does not fit the checkpoint; nothing was started:\n  "
+            + "\n  ".join(differs)
+            + "\nKeep those settings (they come from the checkpoint unless overridden), or start a new "
+            "run with another run.name"
+        )
+    old_world = int(meta["world_size"])
+    if old_world != world_size:
+        logger.info(
+            f"elastic resume: checkpoint saved by {old_world} worker(s), continuing on {world_size} "
+            f"(ZeRO-{saved['deepspeed']['zero_stage']} state re-partitioned, DRO state re-sharded)"
+        )
+
+
+def steps_left(cfg: Config, checkpoint: Path) -> int:
+    """Optimizer steps from the checkpoint to `train.steps` (≤ 0: nothing to train)."""
+    return cfg.train.steps - int(read_meta(checkpoint)["step"])

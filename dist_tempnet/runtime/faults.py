@@ -41,6 +41,7 @@ _FAULT_FIELDS = {
     "rank": "crash_rank",
     "nan_step": "nan_step",
     "nan_from_step": "nan_from_step",
+    "nan_micro": "nan_micro",
 }
 
 
@@ -53,6 +54,7 @@ class FaultPlan:
     - `crash_in_save_step=K`: every rank (or only `rank=R`) raises inside the save of step K, after
       DeepSpeed and the rank files are written but before the checkpoint is marked complete;
     - `nan_step=K`: the loss of step K is NaN; `nan_from_step=K`: every loss from step K on;
+      `nan_micro=M` narrows either to micro-batch M of each such step (gradient accumulation);
     - `once_file=PATH`: each fault fires once per rank (PATH.<fault>.rank<r> records it, with the
       time), so the restarted workers run clean.
     """
@@ -63,6 +65,7 @@ class FaultPlan:
     crash_rank: int | None = None
     nan_step: int | None = None
     nan_from_step: int | None = None
+    nan_micro: int | None = None
     once_file: str = ""
 
     @classmethod
@@ -103,7 +106,10 @@ class FaultPlan:
         if self._claim("crash_in_save", rank):
             raise InjectedFault(f"fault injection: crash inside the checkpoint save of step {step}")
 
-    def poisons_loss(self, step: int) -> bool:
+    def poisons_loss(self, step: int, micro: int = 0) -> bool:
+        """Whether the loss of micro-batch `micro` of optimizer step `step` is to be made NaN."""
+        if self.nan_micro is not None and micro != self.nan_micro:
+            return False
         return self.nan_step == step or (self.nan_from_step is not None and step >= self.nan_from_step)
 
 

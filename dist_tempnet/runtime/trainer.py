@@ -33,6 +33,7 @@ from dist_tempnet.runtime.checkpoint.restore import checked_meta, load_into, nee
 from dist_tempnet.runtime.engine import build_engine, group_lrs
 from dist_tempnet.runtime.faults import FaultPlan, SeenIdsLog
 from dist_tempnet.runtime.logs import configure_logging
+from dist_tempnet.runtime.nonfinite import any_rank, poisoned, skip_optimizer_step
 from dist_tempnet.runtime.spec import WorkerSpec
 from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram
 from dist_tempnet.tasks import build_task
@@ -104,11 +105,6 @@ class ProgressLine:
             f"step {step}/{self.total} | loss {metrics.get('loss', float('nan')):.4f} | "
             f"tau {tau:.4f} | {rate:,.0f} {self.unit}/s | eta {_fmt_eta(eta)}",
         )
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(comm.all_reduce_sum(t).item() > 0)
 
 
 class Trainer:
@@ -232,11 +228,15 @@ class Trainer:
     # -- one optimizer step -------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float] | None:
-        """Gradient-accumulated step; returns metrics, or None when it was skipped as non-finite."""
+        """Gradient-accumulated step; returns metrics, or None when it was skipped as non-finite.
+
+        A non-finite loss in any micro-batch on any rank skips the whole optimizer step
+        (runtime.nonfinite): decided after the last forward, from one all-reduced flag."""
         engine, accum = self.engine, self.engine.gradient_accumulation_steps()
         step_metrics: dict[str, float] = {}
         units = 0
-        skipped = False
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        skip = False
         for micro in range(accum):
             batch = next(self.batches)
             if self.seen_log:
@@ -244,23 +244,22 @@ class Trainer:
             batch = to_device(batch, self.device)
             units += self.task.units(batch)
             result = self.task.forward(engine, batch)
-            if self.fault.poisons_loss(self.step + 1):
-                result.loss = result.loss * float("nan")
-            bad = _any_rank(not bool(torch.isfinite(result.loss.detach()).all()), self.device)
-            if bad:
-                # Skip this micro batch's backward on every rank. engine.step() still runs so
-                # DeepSpeed's micro-step counter stays aligned; with one micro batch per step the
-                # optimizer sees no gradient and the step is a no-op apart from counters.
-                skipped = True
-                if accum == 1:
-                    continue
+            loss = result.loss
+            if self.fault.poisons_loss(self.step + 1, micro):
+                loss = loss * float("nan")
+            nonfinite |= ~torch.isfinite(loss.detach()).all()
+            if micro == accum - 1:
+                skip = any_rank(nonfinite)
+                if skip:
+                    loss = poisoned(loss)
+            engine.backward(loss)
+            if skip:
+                skip_optimizer_step(engine)
+            else:
                 engine.step()
-                continue
-            engine.backward(result.loss)
-            engine.step()
             for k, v in result.metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
-        if skipped:
+        if skip:
             self.nonfinite_skipped += 1
             self.consecutive_nonfinite += 1
             return None
