@@ -25,6 +25,7 @@ from dist_tempnet.runtime.evaluation import (
     log_results,
     resolve_checkpoint_dir,
 )
+from dist_tempnet.runtime.storage import StorageError, local_checkpoint
 
 
 def format_results(result: EvalResult) -> str:
@@ -44,8 +45,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        type=Path,
-        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
+        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones; "
+        "local or on an object store (s3://bucket/prefix/...)",
     )
     p.add_argument(
         "--data", default=None, help="dataset directory to evaluate on (default: the training data)"
@@ -97,6 +98,7 @@ def _preflight_mlflow(args: argparse.Namespace) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     try:
+        args.checkpoint = local_checkpoint(args.checkpoint)
         uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
         result = evaluate_checkpoint(
             args.checkpoint, args.data, args.split, args.max_batches, args.batch_size
@@ -112,7 +114,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.log_to_mlflow:
             run_id = log_results(result, uri, args.run_id, args.new_run, args.data)
             print(f"logged to MLflow run {run_id} ({uri})")
-    except (EvalError, ConfigError) as exc:
+    except (EvalError, ConfigError, StorageError) as exc:
         print(f"dist-tempnet eval: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -8,9 +8,12 @@ from pathlib import Path
 
 from dist_tempnet.runtime.checkpoint import read_meta
 from dist_tempnet.runtime.export import export_checkpoint
+from dist_tempnet.runtime.storage import local_checkpoint
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    # A checkpoint on an object store is copied here once (export and --log-to-mlflow read it).
+    args.checkpoint = local_checkpoint(args.checkpoint)
     out = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} → {out}")
     if args.log_to_mlflow:
@@ -31,7 +34,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="consolidate a checkpoint into a transformers model dir + TempNet")
-    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (with meta.json)")
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (with meta.json), local or s3://…"
+    )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--log-to-mlflow", action="store_true")
     p.add_argument("--run-id", default="")

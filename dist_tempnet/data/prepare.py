@@ -43,4 +43,5 @@ def absolutize_paths(cfg: Config) -> None:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).resolve())
     if cfg.model.pretrained:
         cfg.model.pretrained = str(Path(cfg.model.pretrained).resolve())
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
+    if "://" not in cfg.run.output_dir:  # an object store URI (s3://bucket/prefix) is absolute already
+        cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
