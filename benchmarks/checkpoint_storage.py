@@ -11,6 +11,7 @@ the storage path on local disk and on the object store.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -45,6 +46,7 @@ def main() -> None:
     import pyarrow.fs as pafs
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
