@@ -45,9 +45,9 @@ def cluster():
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     # The head runs Ray Train's controller only (no CPU): the workers must go to worker nodes.
-    head = {"num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    head = {"num_cpus": 0, "include_dashboard": False}
     c = Cluster(initialize_head=True, head_node_args=head)
-    nodes = [c.add_node(num_cpus=1, node_ip_address="127.0.0.1") for _ in range(2)]
+    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=c.address)
     yield c, nodes
     ray.shutdown()
@@ -118,7 +118,7 @@ def test_node_loss_continues_on_a_replacement_node_to_the_same_result(workdir, c
         time.sleep(3)  # Ray's controller registers the checkpoint at its next poll (2 s)
         killed["unix"] = time.time()
         c.remove_node(node_b, allow_graceful=False)
-        killed["replacement"] = c.add_node(num_cpus=1, node_ip_address="127.0.0.1").node_id
+        killed["replacement"] = c.add_node(num_cpus=1).node_id
 
     killer = threading.Thread(target=lose_node, daemon=True)
     killer.start()
