@@ -23,7 +23,7 @@ from dist_tempnet.config import load_config
 
 pytestmark = pytest.mark.slow
 
-STEPS, EVERY = 6, 2
+STEPS, EVERY = 8, 4
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,8 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A replacement node on a loaded 2-core machine takes longer than Ray Train's default 60 s wait.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "600"
     # The head runs Ray Train's controller only (no CPU): the workers must go to worker nodes.
     head = {"num_cpus": 0, "include_dashboard": False}
     c = Cluster(initialize_head=True, head_node_args=head)
@@ -95,6 +97,18 @@ def _final_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, t
     }
 
 
+def _logged_step(db: str, run_name: str, step: int) -> bool:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        rows = con.execute(
+            "SELECT 1 FROM metrics m JOIN runs r ON m.run_uuid = r.run_uuid "
+            "WHERE r.name = ? AND m.key = 'loss' AND m.step >= ?",
+            (run_name, step),
+        ).fetchall()
+    return bool(rows)
+
+
 def test_node_loss_continues_on_a_replacement_node_to_the_same_result(workdir, cluster):
     from mlflow.tracking import MlflowClient
 
@@ -115,7 +129,10 @@ def test_node_loss_continues_on_a_replacement_node_to_the_same_result(workdir, c
         deadline = time.time() + 900
         while not first.exists() and time.time() < deadline:
             time.sleep(0.1)
-        time.sleep(3)  # Ray's controller registers the checkpoint at its next poll (2 s)
+        # Rank 0 returns from a save only once Ray's controller has registered it: its next step's
+        # loss (logged to MLflow) proves the step-4 checkpoint counts, and the next one is 4 steps away.
+        while not _logged_step(f"{workdir / 'mlflow.db'}", "lossy", EVERY + 1) and time.time() < deadline:
+            time.sleep(0.1)
         killed["unix"] = time.time()
         c.remove_node(node_b, allow_graceful=False)
         killed["replacement"] = c.add_node(num_cpus=1).node_id
