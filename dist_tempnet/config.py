@@ -136,6 +136,9 @@ class RayConfig:
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: int = 1
     max_failures: int = 0
+    # Ray placement group strategy for the workers: PACK (default), SPREAD, STRICT_PACK, or STRICT_SPREAD
+    # (one worker per node, e.g. to spread over the nodes of a cluster).
+    placement_strategy: str = "PACK"
     quiet: bool = True
 
 
@@ -386,6 +389,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     _one_of(cfg.deepspeed.zero_stage, (0, 1, 2, 3), source, "deepspeed.zero_stage")
     _one_of(r.use_gpu, ("auto", "true", "false"), source, "ray.use_gpu")
     _check(r.cpus_per_worker > 0, source, "ray.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
+    _one_of(
+        r.placement_strategy,
+        ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        source,
+        "ray.placement_strategy",
+    )
     _check(
         r.max_failures >= -1,
         source,

@@ -58,6 +58,7 @@ def test_overrides_apply_with_types():
         ("loss.name=isogclr_tempnetx", "loss.name"),
         ("loss.tau_min=0.5", "loss.tau_min"),
         ("ray.num_workers=0", "ray.num_workers"),
+        ("ray.placement_strategy=spread", "ray.placement_strategy"),
         ("run.task=lm", "loss.name"),
         ("train.warmup_steps=-1", "train.warmup_steps"),
         ("train.betas=[0.9]", "train.betas"),

@@ -26,6 +26,7 @@ from dist_tempnet.runtime.evaluation import (
     log_results,
     resolve_checkpoint_dir,
 )
+from dist_tempnet.runtime.storage import StorageError, local_checkpoint
 from dist_tempnet.runtime.tracking import resolve_tracking_uri
 
 
@@ -47,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     which.add_argument(
         "--checkpoint",
         default=None,
-        type=Path,
-        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones",
+        help="checkpoint directory (meta.json, deepspeed/, COMPLETE), or a directory holding step_* ones; "
+        "local or on an object store (s3://bucket/prefix/...)",
     )
     which.add_argument(
         "--model",
@@ -182,6 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if args.log_to_mlflow and result.source_run_id and not args.new_run:
                 check_run_exists(uri, args.run_id or result.source_run_id)
         else:
+            args.checkpoint = local_checkpoint(args.checkpoint)
             uri = _preflight_mlflow(args) if args.log_to_mlflow else ""
             result = evaluate_checkpoint(
                 args.checkpoint, args.data, args.split, args.max_batches, args.batch_size, benchmarks
@@ -197,7 +199,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.log_to_mlflow:
             run_id = log_results(result, uri, args.run_id, args.new_run, args.data)
             print(f"logged to MLflow run {run_id} ({uri})")
-    except (EvalError, ConfigError) as exc:
+    except (EvalError, ConfigError, StorageError) as exc:
         print(f"dist-tempnet eval: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -10,13 +10,15 @@ from pathlib import Path
 from dist_tempnet.runtime.checkpoint import read_meta
 from dist_tempnet.runtime.evaluation import EvalError, resolve_checkpoint_dir
 from dist_tempnet.runtime.export import export_checkpoint
+from dist_tempnet.runtime.storage import StorageError, local_checkpoint
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    # The same forms `eval` accepts: a checkpoint, or a run directory (its newest complete checkpoint).
+    # The same forms `eval` accepts: a checkpoint, or a run directory (its newest complete checkpoint),
+    # local or on an object store (copied here once: export and --log-to-mlflow read it).
     try:
-        checkpoint = resolve_checkpoint_dir(args.checkpoint)
-    except EvalError as exc:
+        checkpoint = resolve_checkpoint_dir(local_checkpoint(args.checkpoint))
+    except (EvalError, StorageError) as exc:
         print(f"dist-tempnet export: {exc}", file=sys.stderr)
         return 2
     out = export_checkpoint(checkpoint, args.out)
@@ -42,8 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
-        type=Path,
-        help="a checkpoint directory (with meta.json) or a run directory (its newest complete checkpoint)",
+        help="a checkpoint directory (with meta.json) or a run directory (its newest complete checkpoint), "
+        "local or s3://…",
     )
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--log-to-mlflow", action="store_true")

@@ -76,7 +76,8 @@ def absolutize_paths(cfg: Config) -> None:
         cfg.data.tokenizer = str(Path(cfg.data.tokenizer).expanduser().resolve())
     if cfg.model.pretrained and Path(cfg.model.pretrained).expanduser().exists():
         cfg.model.pretrained = str(Path(cfg.model.pretrained).expanduser().resolve())
-    cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
+    if "://" not in cfg.run.output_dir:  # an object store URI (s3://bucket/prefix) is absolute already
+        cfg.run.output_dir = str(Path(cfg.run.output_dir).resolve())
 
 
 def _absolute(source: str | list[str]) -> str | list[str]:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
+from dist_tempnet.runtime import storage as remote
 from dist_tempnet.runtime.spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "HF_HOME",
         "HF_HUB_CACHE",
         "HF_ENDPOINT",
+        *remote.STORAGE_ENV,
     ):
         if key in os.environ:
             env[key] = os.environ[key]
@@ -238,19 +240,22 @@ def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
     from dist_tempnet.runtime.trainer import train_worker
 
     use_gpu = _init_ray(cfg)
-    storage = Path(cfg.run.output_dir) / "ray"
-    storage.mkdir(parents=True, exist_ok=True)
+    storage_path, storage_fs = _ray_storage(cfg)
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": 1} if use_gpu else {})
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=spec.to_dict(),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=cfg.ray.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=cfg.ray.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=cfg.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=ray_run_name or cfg.run.name,
-            storage_path=str(storage),
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=_checkpoint_config(cfg),
             worker_runtime_env={"env_vars": _worker_env(cfg, use_gpu)},
@@ -262,14 +267,30 @@ def fit_with_ray(cfg: Config, spec: WorkerSpec, ray_run_name: str = ""):
         return trainer.fit()
 
 
-def ray_run_name(cfg: Config, storage: Path, manual_resume: bool) -> str:
+def _ray_storage(cfg: Config):
+    """(storage_path, storage_filesystem) for Ray's RunConfig: `<output_dir>/ray`, on an object store
+    when `run.output_dir` is a URI (Ray then uploads every checkpoint there, none stays local)."""
+    if remote.is_uri(cfg.run.output_dir):
+        return remote.filesystem(remote.join(cfg.run.output_dir, "ray"))[::-1]
+    storage = Path(cfg.run.output_dir) / "ray"
+    storage.mkdir(parents=True, exist_ok=True)
+    return str(storage), None
+
+
+def _storage_exists(storage: str, name: str) -> bool:
+    if remote.is_uri(storage):
+        return remote.exists(remote.join(storage, name))
+    return (Path(storage) / name).exists()
+
+
+def ray_run_name(cfg: Config, storage: str | Path, manual_resume: bool) -> str:
     """`run.name`, except for a manual resume when a Ray run of that name exists: Ray would restore
     that run's latest checkpoint instead of the chosen one, so the resume gets `<name>-resume<k>`."""
     name = cfg.run.name
-    if not manual_resume or not (storage / name).exists():
+    if not manual_resume or not _storage_exists(str(storage), name):
         return name
     k = 1
-    while (storage / f"{name}-resume{k}").exists():
+    while _storage_exists(str(storage), f"{name}-resume{k}"):
         k += 1
     return f"{name}-resume{k}"
 
@@ -341,10 +362,19 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
     t0 = time.perf_counter()
     absolutize_paths(cfg)
     _quiet_ray()
-    storage = Path(cfg.run.output_dir) / "ray"
+    on_store = remote.is_uri(cfg.run.output_dir)
+    if on_store and not use_ray:
+        raise ConfigError(
+            f"run.output_dir={cfg.run.output_dir!r} is an object store: without Ray checkpoints are written "
+            "with plain file I/O to a shared path; run under Ray or give a local/shared directory"
+        )
+    storage = remote.join(cfg.run.output_dir, "ray") if on_store else Path(cfg.run.output_dir) / "ray"
     resume = Path(resume_from).resolve() if resume_from else None
     if use_ray:
         check_ray_address(cfg)
+    if on_store and use_ray:
+        # Fail here, with the URI and endpoint in the message, not in a worker's first upload.
+        remote.check_writable(cfg.run.output_dir)
     # Run identity, before anything starts (data, MLflow, Ray).
     if resume is None:
         refuse_existing_run(cfg, use_ray)
@@ -375,6 +405,8 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
                 raise result.error
             metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
             checkpoint = result.checkpoint.path if result.checkpoint else ""
+            if checkpoint and on_store:  # Ray reports the path inside the filesystem: put the scheme back
+                checkpoint = f"{remote.scheme_of(cfg.run.output_dir)}://{checkpoint}"
         else:
             from dist_tempnet.runtime.trainer import train_worker
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from dist_tempnet.config import Config, ConfigError, load_config
+from dist_tempnet.runtime import storage as remote
 from dist_tempnet.runtime.checkpoint import COMPLETE, META, latest_checkpoint, read_meta, verify_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,10 @@ def _checkpoint_in_dir(path: Path) -> Path:
 
 def resolve_resume(spec: str, tracking_uri: str = "") -> Path:
     """`--resume` argument → checkpoint directory: a checkpoint dir, a run dir (its latest complete
-    checkpoint), or an MLflow run id whose `checkpoint_uri` tag points at one of those."""
+    checkpoint), or an MLflow run id whose `checkpoint_uri` tag points at one of those. On an object
+    store (s3://…) the checkpoint is copied to a local directory first."""
+    if remote.is_uri(spec):
+        return _checkpoint_in_dir(remote.local_checkpoint(spec))
     path = Path(spec).expanduser()
     if path.exists():
         return _checkpoint_in_dir(path.resolve())
@@ -55,6 +59,10 @@ def resolve_resume(spec: str, tracking_uri: str = "") -> Path:
         raise FileNotFoundError(
             f"--resume {spec!r}: the MLflow run has no 'checkpoint_uri' tag (never saved)"
         )
+    if remote.is_uri(target):
+        resolved = _checkpoint_in_dir(remote.local_checkpoint(target))
+        logger.warning(f"MLflow run {spec} → checkpoint {target} (copied to {resolved})")
+        return resolved
     target_path = Path(target.removeprefix("file://"))
     if not target_path.exists():
         raise FileNotFoundError(f"--resume {spec!r}: its checkpoint_uri {target} does not exist here")

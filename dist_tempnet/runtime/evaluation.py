@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_tempnet.config import Config, config_from_dict
+from dist_tempnet.runtime.storage import local_checkpoint
 
 EVAL_OF_TAG = "dist_tempnet.eval_of_run"
 
@@ -50,8 +51,8 @@ def _is_complete(path: Path) -> bool:
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A complete checkpoint directory, or the newest complete `step_*` directory below `path`
-    (so a run's checkpoint root or Ray storage directory works too)."""
-    path = Path(path).expanduser()
+    (so a run's checkpoint root or Ray storage directory works too); a URI is copied here first."""
+    path = local_checkpoint(path)
     if not path.exists():
         raise EvalError(f"checkpoint '{path}' does not exist")
     if _is_complete(path):

@@ -16,6 +16,7 @@ from torch import nn
 
 from dist_tempnet.config import config_from_dict
 from dist_tempnet.runtime.checkpoint import load_trusted, read_meta, verify_checkpoint, weights_only_loads
+from dist_tempnet.runtime.storage import local_checkpoint
 
 TEMPNET_WEIGHTS = "tempnet.safetensors"
 TEMPNET_CONFIG = "tempnet_config.json"
@@ -123,7 +124,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     """Write `out_dir` from a complete training checkpoint; returns it."""
     from dist_tempnet.tasks import build_task
 
-    checkpoint_dir, out = Path(checkpoint_dir), Path(out_dir)
+    checkpoint_dir, out = local_checkpoint(checkpoint_dir), Path(out_dir)
     verify_checkpoint(checkpoint_dir)  # before anything is built or loaded
     meta = read_meta(checkpoint_dir)
     cfg = config_from_dict(meta["config"])

@@ -120,6 +120,7 @@ class Trainer:
         self.sink = sink
         self.fault = FaultPlan.from_env()
         self.tracking_uri = spec.tracking_uri
+        self.under_ray = spec.under_ray
         self.tracker = self._tracker(spec)
         self.step = 0
         self.resumed_step: int | None = None
@@ -279,7 +280,10 @@ class Trainer:
                 f"{cfg.train.precision}, global batch {cfg.train.global_batch_size}, "
                 f"accumulation {self.engine.gradient_accumulation_steps()}, {cfg.train.steps} steps",
             )
-        self.tracker.set_tags({"status_detail": "training", "world_size": self.world})
+        tags = {"status_detail": "training", "world_size": self.world}
+        if self.under_ray:
+            tags["ray_node_ids"] = _ray_node_ids()
+        self.tracker.set_tags(tags)
         t_start = time.perf_counter()
         window_t, window_units, steps_in_window = time.perf_counter(), 0, 0
         start_step = self.step
@@ -402,6 +406,18 @@ class Trainer:
                 + f", {size / 2**20:.1f} MiB"
                 + (f" → {path}" if path else ""),
             )
+
+
+def _ray_node_ids() -> str:
+    """The Ray node id of every rank, in rank order, comma-separated (where the workers were placed)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if not comm.is_distributed():
+        return node
+    ids: list[str] = [""] * comm.world_size()
+    dist.all_gather_object(ids, node)
+    return ",".join(ids)
 
 
 def train_worker(spec: dict[str, Any] | WorkerSpec) -> dict[str, float]:

@@ -31,6 +31,7 @@ from dist_tempnet.runtime.checkpoint.layout import (
 from dist_tempnet.runtime.checkpoint.restore import ResumePoint
 from dist_tempnet.runtime.faults import FaultPlan
 from dist_tempnet.runtime.spec import WorkerSpec
+from dist_tempnet.runtime.storage import is_uri, scheme_of
 
 
 class CheckpointSink:
@@ -123,9 +124,13 @@ class LocalSink(CheckpointSink):
 class RaySink(CheckpointSink):
     """Ray Train V2: per-rank temporary directories merged by Ray on report."""
 
-    def __init__(self, resume_from: Path | None = None, fault: FaultPlan | None = None) -> None:
+    def __init__(
+        self, resume_from: Path | None = None, fault: FaultPlan | None = None, scheme: str = ""
+    ) -> None:
         self.resume_from = Path(resume_from) if resume_from else None
         self.fault = fault or FaultPlan()
+        # Ray's storage paths lack the scheme of an object store (s3://): put it back for the URIs we log.
+        self.prefix = f"{scheme}://" if scheme else ""
 
     def save(self, engine, step, task_state, config, metrics, extra) -> str:
         import ray.train
@@ -148,7 +153,7 @@ class RaySink(CheckpointSink):
         waited = time.perf_counter() - t2
         self.last_timing = {"write_s": t1 - t0, "upload_s": t2 - t1, "registered_wait_s": waited}
         storage = ray.train.get_context().get_storage()
-        return str(storage.build_checkpoint_path_from_name(f"step_{step:08d}"))
+        return self.prefix + str(storage.build_checkpoint_path_from_name(f"step_{step:08d}"))
 
     @contextlib.contextmanager
     def resume_point(self) -> Iterator[ResumePoint | None]:
@@ -186,7 +191,8 @@ def make_sink(cfg: Config, spec: WorkerSpec) -> CheckpointSink:
     resume_from = spec.resume_from or None
     fault = FaultPlan.from_env()
     if spec.under_ray:
-        return RaySink(resume_from, fault)
+        output_dir = cfg.run.output_dir
+        return RaySink(resume_from, fault, scheme_of(output_dir) if is_uri(output_dir) else "")
     root = Path(cfg.run.output_dir).resolve() / cfg.run.name / "checkpoints"
     return LocalSink(root, cfg.checkpoint.keep_last, resume_from, fault,
                      cfg.checkpoint.keep_best_metric, cfg.checkpoint.keep_best_mode)  # fmt: skip
