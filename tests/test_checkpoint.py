@@ -412,7 +412,7 @@ def _guard_worker(
         warnings.simplefilter("always")
         out["final"] = trainer.fit()
     out["warnings"] = [str(w.message) for w in caught if "MLflow" in str(w.message)]
-    out["pending"] = len(trainer.tracker._pending)
+    out["pending"] = trainer.tracker.pending
 
     os.environ["DIST_TEMPNET_FAULT"] = "nan_from_step=3"
     cfg = load_config(

@@ -35,7 +35,7 @@ from dist_tempnet.runtime.faults import FaultPlan, SeenIdsLog
 from dist_tempnet.runtime.logs import configure_logging
 from dist_tempnet.runtime.nonfinite import any_rank, poisoned, skip_optimizer_step
 from dist_tempnet.runtime.spec import WorkerSpec
-from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram
+from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram, spool_path
 from dist_tempnet.tasks import build_task
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Trainer:
         if self.rank != 0 or not spec.mlflow_run_id:
             return Tracker.disabled()
         try:
-            return Tracker(spec.tracking_uri, spec.mlflow_run_id)
+            return Tracker(spec.tracking_uri, spec.mlflow_run_id, spool=spool_path(self.cfg))
         except Exception as exc:  # noqa: BLE001 - e.g. mlflow not installed on a bare GPU box
             logger.warning(f"MLflow disabled on rank 0: {exc}")
             return Tracker.disabled()
@@ -379,7 +379,7 @@ class Trainer:
             config=self.cfg.to_dict(),
             metrics=metrics or {**self.last_metrics, **self.last_eval, "step": self.step},
             extra={
-                "mlflow_run_id": self.tracker.run_id or "",
+                "mlflow_run_id": self.tracker.resolved_run_id() if self.tracker.enabled else "",
                 "tracking_uri": self.tracking_uri,
                 "resume_count": self.resume_count,
                 "final": final,
