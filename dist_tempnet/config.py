@@ -9,6 +9,7 @@ embedded default job (a tiny CLIP on the procedural demo data, 2 CPU workers, Ze
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -133,7 +134,7 @@ class DeepSpeedConfig:
 class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS if set, else a local Ray started for this job
     num_workers: int = 2
-    use_gpu: str = "auto"  # auto | true | false
+    use_gpu: str = "auto"  # auto | true | false (YAML booleans are accepted)
     cpus_per_worker: int = 1
     max_failures: int = 0
     quiet: bool = True
@@ -197,6 +198,8 @@ class Config:
 
 
 CLIP_LOSSES = ("clip", "sogclr", "isogclr", "isogclr_tempnet")
+# str settings whose documented values include true/false: YAML reads those as booleans.
+BOOL_OR_STR_KEYS = ("ray.use_gpu",)
 LM_LOSSES = ("ce", "tempnet")
 LM_MODES = ("scratch", "finetune", "tempnet_only")
 
@@ -239,16 +242,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # inf/nan parse as floats (YAML `.inf`, `inf`), but no setting means anything with them.
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in BOOL_OR_STR_KEYS:
+            return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(
@@ -384,6 +395,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(t.log_every > 0, source, "train.log_every", f"must be > 0, got {t.log_every}")
     _one_of(t.mode, LM_MODES, source, "train.mode")
     _one_of(cfg.deepspeed.zero_stage, (0, 1, 2, 3), source, "deepspeed.zero_stage")
+    r.use_gpu = r.use_gpu.lower()
     _one_of(r.use_gpu, ("auto", "true", "false"), source, "ray.use_gpu")
     _check(r.cpus_per_worker > 0, source, "ray.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
     _check(

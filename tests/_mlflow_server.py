@@ -42,7 +42,8 @@ class MlflowServer:
             try:
                 urllib.request.urlopen(f"{self.uri}/health", timeout=2)
                 # The first API call initializes the store (slow on a busy machine): warm it up here.
-                urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=60)
+                search = f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1"
+                urllib.request.urlopen(search, timeout=60)
                 return self
             except OSError:
                 time.sleep(0.3)

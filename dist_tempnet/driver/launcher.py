@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
+from dist_tempnet.driver.preflight import preflight
 from dist_tempnet.runtime.spec import WorkerSpec
 from dist_tempnet.runtime.tracking import bounded_http_env
 
@@ -370,6 +371,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
             return RunSummary("", "", checkpoint=str(resume), note=note)
     prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
     prepare_data(cfg)
+    preflight(cfg)  # before the MLflow run and Ray: bad inputs fail here, in seconds
     uri, run_id, tracker, previous_status = _open_tracking(cfg, resume)
     spec = WorkerSpec(
         cfg.to_dict(),
