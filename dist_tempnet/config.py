@@ -75,6 +75,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 512
     allow_corrupt: bool = False
+    # With allow_corrupt: warn (log and MLflow tag) once the skipped share of the samples read exceeds this.
+    warn_skipped_fraction: float = 0.01
     image_size: int = 32
     max_text_len: int = 16
     # Shards written elsewhere (img2dataset): the caption field; images may be jpg/jpeg/png/webp.
@@ -424,6 +426,12 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"must be [] or [min, max] with 0 < min <= max <= 1, got {scale}",
     )
     _check(bool(cfg.data.caption_key), source, "data.caption_key", "must name the caption field (e.g. txt)")
+    _check(
+        0 <= cfg.data.warn_skipped_fraction <= 1,
+        source,
+        "data.warn_skipped_fraction",
+        f"must be in [0, 1], got {cfg.data.warn_skipped_fraction}",
+    )
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")
     _check(0 < lo.gamma <= 1, source, "loss.gamma", f"must be in (0, 1], got {lo.gamma}")

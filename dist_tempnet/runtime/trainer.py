@@ -128,6 +128,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self._warned_data = False
         # The checkpoint to continue from decides how the engine is built (universal loading after
         # a change of world size), so it is found first and stays readable until it is loaded.
         with sink.resume_point() as point:
@@ -305,6 +306,7 @@ class Trainer:
                 logged[f"{self.task.unit}_per_s"] = rate
                 logged[f"{self.task.unit}_per_s_per_worker"] = rate / self.world
                 logged["nonfinite_skipped"] = float(self.nonfinite_skipped)
+                logged.update(self._data_metrics())
                 self.tracker.log_metrics(logged, self.step)
                 progress.show(self.step, logged, now - t_start, self.step - start_step)
                 self.last_metrics = logged
@@ -339,6 +341,28 @@ class Trainer:
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
         t = comm.all_reduce_sum(t) / self.world
         return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _data_metrics(self) -> dict[str, float]:
+        """Samples and shards lost to corrupt data (allow_corrupt), summed over ranks; warns once when
+        the lost share exceeds data.warn_skipped_fraction."""
+        counters = self.task.data_counters()
+        keys = sorted(counters)
+        values = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64, device=self.device)
+        t = comm.all_reduce_sum(values)
+        total = dict(zip(keys, t.tolist()))
+        lost, read = total["skipped_samples"], total["skipped_samples"] + total["samples_seen"]
+        limit = self.cfg.data.warn_skipped_fraction
+        if lost and lost > limit * read and not self._warned_data:
+            self._warned_data = True
+            message = (
+                f"{lost:.0f} of {read:.0f} training samples read so far ({lost / read:.1%}) were skipped "
+                f"as corrupt, in {total['skipped_shards']:.0f} unreadable shard(s) (data.allow_corrupt; "
+                f"warning above data.warn_skipped_fraction={limit}): check {self.cfg.data.path}"
+            )
+            if self.rank == 0:
+                logger.warning(message)
+            self.tracker.set_tags({"data_warning": message})
+        return {"data/skipped_samples": lost, "data/skipped_shards": total["skipped_shards"]}
 
     def _on_nonfinite(self) -> None:
         if self.rank == 0:
