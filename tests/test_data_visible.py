@@ -9,7 +9,7 @@ from dist_tempnet.data import make_demo_clip_dataset
 from tests._dist import run_distributed
 
 
-def _train(data: str, root: str, uri: str, run_id: str) -> dict:
+def _train(rank: int, world: int, data: str, root: str, uri: str, run_id: str) -> dict:
     import os
 
     os.environ["DS_ACCELERATOR"] = "cpu"
