@@ -35,10 +35,12 @@ run = c.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"]
 print(exp.experiment_id, run.info.run_id)
 PY
 )
-shot() {  # URL FILE: the UI is a single-page app; give its scripts virtual time to render
-  chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
+shot() {  # URL FILE: the UI is a single-page app that keeps polling: wait a fixed time, then shoot
+  # (--virtual-time-budget never ends on it). SHOT_WAIT_MS: longer on a busy machine.
+  timeout 300 chromium --headless --no-sandbox --disable-gpu --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --user-data-dir="$(mktemp -d)" --hide-scrollbars \
-    --virtual-time-budget=20000 --window-size=1400,1000 --screenshot="$2" "$1" 2>/dev/null
+    --timeout="${SHOT_WAIT_MS:-30000}" --window-size=1400,1000 --screenshot="$2" "$1" 2>/dev/null || true
+  [[ -s "$2" ]] || { echo "no screenshot of $1" >&2; return 1; }
 }
 base="http://127.0.0.1:$port/#/experiments/$exp"
 shot "$base" "$out/experiment.png"
