@@ -397,7 +397,9 @@ def _guard_worker(
     from dist_tempnet.runtime.trainer import NonFiniteLossError, Trainer
 
     out: dict = {}
-    cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=["checkpoint.every=0"]))
+    # run.output_dir: the MLflow spool of the calls that fail goes there (not into the working directory).
+    extra = ["checkpoint.every=0", f"run.output_dir={root}"]
+    cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=extra))
     spec = WorkerSpec(cfg.to_dict(), tracking_uri=tracking_uri, mlflow_run_id=run_id)
     trainer = Trainer(cfg, spec, LocalSink(Path(root) / "a", 2))
     before_step = trainer.task.before_step
