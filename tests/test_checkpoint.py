@@ -384,7 +384,7 @@ def _guard_worker(
     rank: int, world: int, data: str, root: str, tracking_uri: str, run_id: str, dead_uri: str
 ) -> dict:
     """fit() with MLflow pointed at a dead server from step 3 on; then a run whose loss turns NaN."""
-    import warnings
+    import logging
 
     os.environ.update(
         {"DS_ACCELERATOR": "cpu", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
@@ -410,10 +410,14 @@ def _guard_worker(
         return before_step(step)
 
     trainer.task.before_step = server_dies_at_step_3
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out["final"] = trainer.fit()
-    out["warnings"] = [str(w.message) for w in caught if "MLflow" in str(w.message)]
+    caught: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = caught.append
+    logging.getLogger("dist_tempnet.runtime.tracking").addHandler(handler)
+    out["final"] = trainer.fit()
+    out["warnings"] = [
+        r.getMessage() for r in caught if r.levelno == logging.WARNING and "MLflow" in r.getMessage()
+    ]
     out["pending"] = trainer.tracker.pending
 
     os.environ["DIST_TEMPNET_FAULT"] = "nan_from_step=3"
