@@ -60,7 +60,7 @@ def test_tokenizer_named_by_the_dataset_is_checked(tmp_path, capsys, demo):
 @pytest.mark.parametrize(
     "setup, expected",
     [
-        (lambda d: None, "is not a directory"),
+        (lambda d: None, "does not exist"),
         (lambda d: d.mkdir(), "has no config.json"),
         (
             lambda d: (d.mkdir(), (d / "config.json").write_text('{"model_type": "no-such-model"}')),
