@@ -9,6 +9,7 @@ embedded default job (a tiny CLIP on the procedural demo data, 2 CPU workers, Ze
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -74,6 +75,8 @@ class DataConfig:
     num_workers: int = 0
     shuffle_buffer: int = 512
     allow_corrupt: bool = False
+    # With allow_corrupt: warn (log and MLflow tag) once the skipped share of the samples read exceeds this.
+    warn_skipped_fraction: float = 0.01
     image_size: int = 32
     max_text_len: int = 16
     # Shards written elsewhere (img2dataset): the caption field; images may be jpg/jpeg/png/webp.
@@ -133,7 +136,7 @@ class DeepSpeedConfig:
 class RayConfig:
     address: str = ""  # empty: RAY_ADDRESS if set, else a local Ray started for this job
     num_workers: int = 2
-    use_gpu: str = "auto"  # auto | true | false
+    use_gpu: str = "auto"  # auto | true | false (YAML booleans are accepted)
     cpus_per_worker: int = 1
     max_failures: int = 0
     # Ray placement group strategy for the workers: PACK (default), SPREAD, STRICT_PACK, or STRICT_SPREAD
@@ -200,6 +203,8 @@ class Config:
 
 
 CLIP_LOSSES = ("clip", "sogclr", "isogclr", "isogclr_tempnet")
+# str settings whose documented values include true/false: YAML reads those as booleans.
+BOOL_OR_STR_KEYS = ("ray.use_gpu",)
 LM_LOSSES = ("ce", "tempnet")
 LM_MODES = ("scratch", "finetune", "tempnet_only")
 
@@ -242,16 +247,24 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # inf/nan parse as floats (YAML `.inf`, `inf`), but no setting means anything with them.
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: key '{key}' expects a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool) and key in BOOL_OR_STR_KEYS:
+            return str(value).lower()
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
     raise ConfigError(
@@ -387,6 +400,7 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(t.log_every > 0, source, "train.log_every", f"must be > 0, got {t.log_every}")
     _one_of(t.mode, LM_MODES, source, "train.mode")
     _one_of(cfg.deepspeed.zero_stage, (0, 1, 2, 3), source, "deepspeed.zero_stage")
+    r.use_gpu = r.use_gpu.lower()
     _one_of(r.use_gpu, ("auto", "true", "false"), source, "ray.use_gpu")
     _check(r.cpus_per_worker > 0, source, "ray.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
     _one_of(
@@ -421,6 +435,12 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"must be [] or [min, max] with 0 < min <= max <= 1, got {scale}",
     )
     _check(bool(cfg.data.caption_key), source, "data.caption_key", "must name the caption field (e.g. txt)")
+    _check(
+        0 <= cfg.data.warn_skipped_fraction <= 1,
+        source,
+        "data.warn_skipped_fraction",
+        f"must be in [0, 1], got {cfg.data.warn_skipped_fraction}",
+    )
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")
     _check(0 < lo.gamma <= 1, source, "loss.gamma", f"must be in (0, 1], got {lo.gamma}")

@@ -384,7 +384,7 @@ def _guard_worker(
     rank: int, world: int, data: str, root: str, tracking_uri: str, run_id: str, dead_uri: str
 ) -> dict:
     """fit() with MLflow pointed at a dead server from step 3 on; then a run whose loss turns NaN."""
-    import warnings
+    import logging
 
     os.environ.update(
         {"DS_ACCELERATOR": "cpu", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
@@ -397,7 +397,9 @@ def _guard_worker(
     from dist_tempnet.runtime.trainer import NonFiniteLossError, Trainer
 
     out: dict = {}
-    cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=["checkpoint.every=0"]))
+    # run.output_dir: the MLflow spool of the calls that fail goes there (not into the working directory).
+    extra = ["checkpoint.every=0", f"run.output_dir={root}"]
+    cfg = load_config(None, tiny_overrides(Path(data), 1, 5, micro=16, extra=extra))
     spec = WorkerSpec(cfg.to_dict(), tracking_uri=tracking_uri, mlflow_run_id=run_id)
     trainer = Trainer(cfg, spec, LocalSink(Path(root) / "a", 2))
     before_step = trainer.task.before_step
@@ -408,11 +410,15 @@ def _guard_worker(
         return before_step(step)
 
     trainer.task.before_step = server_dies_at_step_3
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out["final"] = trainer.fit()
-    out["warnings"] = [str(w.message) for w in caught if "MLflow" in str(w.message)]
-    out["pending"] = len(trainer.tracker._pending)
+    caught: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = caught.append
+    logging.getLogger("dist_tempnet.runtime.tracking").addHandler(handler)
+    out["final"] = trainer.fit()
+    out["warnings"] = [
+        r.getMessage() for r in caught if r.levelno == logging.WARNING and "MLflow" in r.getMessage()
+    ]
+    out["pending"] = trainer.tracker.pending
 
     os.environ["DIST_TEMPNET_FAULT"] = "nan_from_step=3"
     cfg = load_config(

@@ -490,3 +490,19 @@ def test_make_demo_text_dataset(tmp_path: Path) -> None:
     assert batch["input_ids"].shape == (4, 65) and int(batch["input_ids"].max()) < 512
     with pytest.raises(FileExistsError, match=str(tmp_path / "text")):
         make_demo_text_dataset(tmp_path / "text", vocab_size=512, seq_len=64, include_docstrings=False)
+
+
+def test_truncated_shard_counts_lost_samples_and_shards(clip_copy: Path, caption_tokenizer) -> None:
+    """A truncated shard loses its whole unread tail: counted as samples, not as one 'skip'."""
+    shard = _shard(clip_copy, 2)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2 + 100])
+    with pytest.warns(RuntimeWarning, match=str(shard)):
+        stream = clip_batches(
+            clip_copy, "train", BATCH, tokenizer=caption_tokenizer, allow_corrupt=True, shuffle_buffer=0
+        )
+        with stream:
+            ids = ids_of(take(stream, 20))  # 160 samples: all of epoch 0 (fewer than 128 are readable)
+    readable = len({i for i in ids if 32 <= i < 48})
+    assert 0 < readable < SHARD_SIZE
+    assert stream.skipped_shards >= 1
+    assert stream.skipped_samples == stream.skipped_shards * (SHARD_SIZE - readable)

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "sweep",
     "plan",
     "submit",
+    "mlflow_replay",
 )
 
 

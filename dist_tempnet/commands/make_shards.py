@@ -4,10 +4,27 @@ your text corpus or chat data)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
 def cmd_make_shards(args: argparse.Namespace) -> int:
+    """Errors in the inputs are one line naming the file (exit 2), never a traceback."""
+    try:
+        out = _make(args)
+    except FileExistsError as exc:
+        message = str(exc).replace("pass overwrite=True", "use --overwrite")
+        print(f"dist-tempnet make-shards: {message}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:  # ManifestError, CorruptShardError, bad text, missing files
+        print(f"dist-tempnet make-shards: {exc}", file=sys.stderr)
+        return 2
+    if out is not None:
+        print(f"shards written to {out}")
+    return 0
+
+
+def _make(args: argparse.Namespace) -> Path | None:
     from dist_tempnet import data
 
     if args.pairs:
@@ -28,14 +45,14 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             f"({totals['failed_to_download']} images missing, {totals['failed_to_resize']} undecodable; "
             f"{skipped} skipped); indexed in {args.out / 'dataset.json'}"
         )
-        return 0
-    if args.text or args.chat:
+        return None
+    if args.text is not None or args.chat is not None:
+        if not (args.text or args.chat):
+            raise ValueError("--text/--chat needs at least one input file (or directory / glob)")
         if args.text and args.chat:
-            raise SystemExit("make-shards: give --text (plain corpus) or --chat (conversations), not both")
+            raise ValueError("give --text (plain corpus) or --chat (conversations), not both")
         if not args.tokenizer:
-            raise SystemExit(
-                "make-shards --text/--chat needs --tokenizer (a local tokenizer directory or a hub id)"
-            )
+            raise ValueError("--text/--chat needs --tokenizer (a local tokenizer directory or a hub id)")
         common = dict(
             num_proc=args.num_proc,
             samples_per_shard=args.samples_per_shard or 256,
@@ -71,8 +88,7 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             seed=args.seed,
             overwrite=args.overwrite,
         )
-    print(f"shards written to {out}")
-    return 0
+    return out
 
 
 def register(sub: argparse._SubParsersAction) -> None:

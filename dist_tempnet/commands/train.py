@@ -25,6 +25,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_tempnet.driver.resume import config_for_resume, resolve_resume
 
     resume_from = None
+    if args.no_ray:
+        # One worker in this process: validate (batch divisibility, accumulation) for that world.
+        args.overrides = [*args.overrides, "ray.num_workers=1"]
     if args.resume:
         if args.config:
             raise ConfigError(
@@ -36,8 +39,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         logger.info("resuming from %s", resume_from)
     else:
         cfg = load_config(args.config, args.overrides)
-    if args.no_ray:
-        cfg.ray.num_workers = 1
     summary = run_training(cfg, use_ray=not args.no_ray, resume_from=resume_from)
     print_summary(summary)
     return 0

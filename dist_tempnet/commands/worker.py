@@ -23,9 +23,14 @@ logger = logging.getLogger("dist_tempnet")
 def _terminate_run(spec: WorkerSpec, status: str) -> None:
     """Without Ray there is no driver to close the MLflow run: rank 0 does."""
     if spec.mlflow_run_id and int(os.environ.get("RANK", "0")) == 0:
-        from dist_tempnet.runtime.tracking import Tracker
+        from dist_tempnet.config import config_from_dict
+        from dist_tempnet.runtime.tracking import Tracker, spool_path
 
-        Tracker(spec.tracking_uri, spec.mlflow_run_id).terminate(status)
+        spool = spool_path(config_from_dict(spec.config))
+        tracker = Tracker(spec.tracking_uri, spec.mlflow_run_id, spool=spool)
+        tracker.terminate(status, status.lower())
+        if tracker.not_recorded():
+            logger.warning(tracker.not_recorded())
 
 
 def main(argv: list[str] | None = None) -> None:

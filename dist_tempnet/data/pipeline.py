@@ -265,7 +265,7 @@ class EpochStream(IterableDataset):
                         {
                             _META_EPOCH: epoch,
                             _META_WORKER: worker,
-                            _META_SKIPPED: skips.count,
+                            _META_SKIPPED: (skips.count, skips.samples, skips.shards),
                             _META_SAMPLE_EPOCHS: torch.tensor(epochs, dtype=torch.long),
                         }
                     )
@@ -304,13 +304,23 @@ class BatchStream:
         }
         self._worker_epoch: dict[int, int] = {}
         self._next_worker = dataset.spec.worker_offset
-        self._skipped_by_worker: dict[int, int] = {}
+        self._skipped_by_worker: dict[int, tuple[int, int, int]] = {}  # worker -> (events, samples, shards)
         self._source: Iterator[dict[str, Any]] | None = None
         self._closed = False
 
     @property
     def corrupt_skipped(self) -> int:
-        return sum(self._skipped_by_worker.values())
+        return sum(c for c, _, _ in self._skipped_by_worker.values())
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples this rank lost to corrupt data (allow_corrupt), the unread rest of shards included."""
+        return sum(n for _, n, _ in self._skipped_by_worker.values())
+
+    @property
+    def skipped_shards(self) -> int:
+        """Shards this rank could not read to the end (allow_corrupt); counted again in every epoch."""
+        return sum(n for _, _, n in self._skipped_by_worker.values())
 
     @property
     def oldest_open_epoch(self) -> int:
@@ -381,7 +391,7 @@ class BatchStream:
         batch = next(self._source)
         self.epoch = batch.pop(_META_EPOCH)
         worker = batch.pop(_META_WORKER)
-        self._skipped_by_worker[worker] = batch.pop(_META_SKIPPED)
+        self._skipped_by_worker[worker] = tuple(int(v) for v in batch.pop(_META_SKIPPED))
         self._record(batch["sample_ids"], batch.pop(_META_SAMPLE_EPOCHS), worker)
         self.samples_seen += len(batch["sample_ids"])
         self.batches_seen += 1

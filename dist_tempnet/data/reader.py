@@ -32,13 +32,19 @@ class SkipLog:
     """
 
     allow_corrupt: bool
-    count: int = 0
+    count: int = 0  # corrupt events (a truncated shard is one event)
+    samples: int = 0  # samples lost to them (the unread rest of a truncated shard counts in full)
+    shards: int = 0  # shards that could not be read to the end
     tolerate_samples: bool = False
 
-    def corrupt(self, message: str, sample_level: bool = False) -> None:
+    def corrupt(
+        self, message: str, sample_level: bool = False, samples: int = 1, shard: bool = False
+    ) -> None:
         if not (self.allow_corrupt or (sample_level and self.tolerate_samples)):
             raise CorruptShardError(message)
         self.count += 1
+        self.samples += max(0, samples)
+        self.shards += int(shard)
         warnings.warn(f"skipping corrupt data: {message}", RuntimeWarning, stacklevel=3)
 
 
@@ -112,7 +118,11 @@ def iter_raw_samples(
             except StopIteration:
                 break
             except Exception as exc:  # tarfile.ReadError, EOFError, ValueError (duplicate names), ...
-                skips.corrupt(f"{shard.url}: unreadable tar data after {seen} samples ({_describe(exc)})")
+                skips.corrupt(
+                    f"{shard.url}: unreadable tar data after {seen} samples ({_describe(exc)})",
+                    samples=shard.num_samples - seen,
+                    shard=True,
+                )
                 return
             position = seen
             seen += 1
@@ -129,7 +139,9 @@ def iter_raw_samples(
     if skips.count == problems_before and seen != shard.num_samples:
         skips.corrupt(
             f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
-            "(truncated or replaced shard?)"
+            "(truncated or replaced shard?)",
+            samples=shard.num_samples - seen,
+            shard=True,
         )
 
 

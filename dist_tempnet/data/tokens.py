@@ -12,6 +12,7 @@ final partial window is dropped. Chat data (data.chat) is packed the same way wi
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import random
@@ -44,9 +45,36 @@ class DocumentRef:
         return f"{self.path}{sep}{self.line}"
 
 
+def require_utf8(file: Path, chunk_size: int = 1 << 20) -> None:
+    """Raise a ValueError naming the file and byte offset of the first invalid UTF-8 sequence.
+
+    Checked for every file before anything is written, so a bad file never leaves a half-written
+    dataset (e.g. the held-out split published and the train split missing)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(file, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_size)
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                position = offset + exc.start - len(decoder.getstate()[0])
+                raise ValueError(
+                    f"{file}: not valid UTF-8 at byte {max(0, position)} ({exc.reason}); convert it first, "
+                    f"e.g. iconv -f latin1 -t utf-8"
+                ) from None
+            if not chunk:
+                return
+            offset += len(chunk)
+
+
 def list_documents(inputs: Sequence[str | Path]) -> list[DocumentRef]:
     """Enumerate documents in a fixed order (sources as given/globbed, rows in source order)."""
-    return [DocumentRef(path, row) for path in expand_sources(inputs) for row in count_rows(path)]
+    sources = expand_sources(inputs)
+    for path in sources:  # every text source is checked before anything is written
+        if source_format(path) in ("text", "jsonl"):
+            require_utf8(path)
+    return [DocumentRef(path, row) for path in sources for row in count_rows(path)]
 
 
 def iter_document_records(

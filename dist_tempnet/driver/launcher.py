@@ -28,8 +28,10 @@ from pathlib import Path
 
 from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
+from dist_tempnet.driver.preflight import preflight
 from dist_tempnet.runtime import storage as remote
 from dist_tempnet.runtime.spec import WorkerSpec
+from dist_tempnet.runtime.tracking import bounded_http_env
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class RunSummary:
     checkpoint: str = ""
     wall_time_s: float = 0.0
     note: str = ""  # set when nothing was run (e.g. a resume past train.steps)
+    not_recorded: str = ""  # what MLflow did not get (and where it is kept), '' when it has everything
 
     def lines(self) -> list[str]:
         if self.note:
@@ -71,6 +74,8 @@ class RunSummary:
         if self.checkpoint:
             out.append(f"checkpoint: {self.checkpoint}")
         out.append(f"wall time: {self.wall_time_s:.1f}s")
+        if self.not_recorded:
+            out.append(self.not_recorded)
         return out
 
 
@@ -95,10 +100,8 @@ def _worker_env(cfg: Config, use_gpu: bool) -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
         "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
         # Rank 0 logs synchronously: MLflow's default retries (7, exponential backoff) would stall
-        # training for minutes per call while the server is down. The Tracker buffers and retries
-        # at its next call instead.
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
+        # training for minutes per call while the server is down. The Tracker spools and replays.
+        **bounded_http_env(),
     }
     for key in (
         *TEST_HOOK_ENV,
@@ -299,7 +302,7 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     """(uri, run_id, tracker, (status, end_time) it had) of the MLflow run a checkpoint belongs to,
     or None when it has none or it cannot be found (then a new run is created)."""
     from dist_tempnet.runtime.checkpoint import read_meta
-    from dist_tempnet.runtime.tracking import Tracker, resolve_tracking_uri
+    from dist_tempnet.runtime.tracking import Tracker, resolve_tracking_uri, spool_path
 
     meta = read_meta(checkpoint)
     run_id = meta.get("mlflow_run_id") or ""
@@ -311,7 +314,7 @@ def _reopen_mlflow_run(cfg: Config, checkpoint: Path):
     uri = resolve_tracking_uri(
         cfg.mlflow.tracking_uri if explicit else meta.get("tracking_uri") or saved_cfg_uri
     )
-    tracker = Tracker(uri, run_id)
+    tracker = Tracker(uri, run_id, spool=spool_path(cfg))
     try:
         info = tracker.client.get_run(run_id).info
         tracker.client.update_run(run_id, status="RUNNING")
@@ -330,22 +333,28 @@ def _open_tracking(cfg: Config, continuing: Path | None):
     one (with the (status, end_time) it had), else a new run (previous status None)."""
     if not cfg.mlflow.enabled:
         return "", "", None, None
-    from dist_tempnet.runtime.tracking import Tracker, start_run
+    from dist_tempnet.runtime.tracking import PENDING_PREFIX, open_run
 
     reopened = _reopen_mlflow_run(cfg, continuing) if continuing else None
     if reopened:
         logger.info(f"continuing MLflow run {reopened[1]} ({reopened[0]})")
         return reopened
-    uri, run_id = start_run(cfg, cfg.ray.num_workers)
-    logger.info(f"MLflow run {run_id} ({uri})")
-    return uri, run_id, Tracker(uri, run_id), None
+    tracker = open_run(cfg, cfg.ray.num_workers)
+    if tracker.run_id.startswith(PENDING_PREFIX):
+        logger.warning(
+            f"MLflow at {tracker.tracking_uri} is unreachable: training starts anyway; the run is "
+            f"created from {tracker.spool.path} when the server answers (or by `dist-tempnet mlflow-replay`)"
+        )
+    else:
+        logger.info(f"MLflow run {tracker.run_id} ({tracker.tracking_uri})")
+    return tracker.tracking_uri, tracker.run_id, tracker, None
 
 
-def _close_failed(tracker, previous: tuple[str, int | None] | None) -> None:
+def _close_failed(tracker, previous: tuple[str, int | None] | None, detail: str) -> None:
     """FAILED for a run this invocation created; a reopened run gets back the status it had: a resume
     that fails (e.g. on a corrupt checkpoint) must not turn a FINISHED run into a FAILED one."""
     if previous is None:
-        tracker.terminate("FAILED")
+        tracker.terminate("FAILED", detail)
     elif previous[0] in ("FINISHED", "FAILED", "KILLED"):
         tracker.terminate(previous[0], end_time=previous[1])
     # else it was RUNNING (a crashed job continued by Ray) and stays so
@@ -360,6 +369,8 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
     from dist_tempnet.runtime.checkpoint import read_meta
 
     t0 = time.perf_counter()
+    # Bounded MLflow calls in the driver too (see runtime.tracking): never minutes of retries.
+    os.environ.update(bounded_http_env())
     absolutize_paths(cfg)
     _quiet_ray()
     on_store = remote.is_uri(cfg.run.output_dir)
@@ -390,6 +401,7 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
             return RunSummary("", "", checkpoint=str(resume), note=note)
     prepare_pretrained(cfg)  # hub downloads happen here, once, not in racing workers; fails fast
     prepare_data(cfg)
+    preflight(cfg)  # before the MLflow run and Ray: bad inputs fail here, in seconds
     uri, run_id, tracker, previous_status = _open_tracking(cfg, resume)
     spec = WorkerSpec(
         cfg.to_dict(),
@@ -412,16 +424,29 @@ def run_training(cfg: Config, use_ray: bool = True, resume_from: str | Path | No
 
             metrics = train_worker(spec)
             checkpoint = ""
-    except BaseException:
+    except BaseException as exc:
         if tracker:
-            _close_failed(tracker, previous_status)
+            _close_failed(tracker, previous_status, f"failed: {type(exc).__name__}: {exc}"[:1000])
+            _report_not_recorded(tracker)
         raise
-    summary = RunSummary(run_id, uri, metrics, str(checkpoint), time.perf_counter() - t0)
+    not_recorded = ""
     if tracker:
         if checkpoint:
             tracker.set_tags({"checkpoint_uri": checkpoint})
-        tracker.terminate("FINISHED")
-    return summary
+        tracker.terminate("FINISHED", "finished")
+        run_id = tracker.resolved_run_id()
+        not_recorded = _report_not_recorded(tracker)
+    return RunSummary(
+        run_id, uri, metrics, str(checkpoint), time.perf_counter() - t0, not_recorded=not_recorded
+    )
+
+
+def _report_not_recorded(tracker) -> str:
+    """Log (and return) the closing line about what MLflow did not get, if anything."""
+    line = tracker.not_recorded()
+    if line:
+        logger.warning(line)
+    return line
 
 
 def print_summary(summary: RunSummary) -> None:

@@ -35,7 +35,7 @@ from dist_tempnet.runtime.faults import FaultPlan, SeenIdsLog
 from dist_tempnet.runtime.logs import configure_logging
 from dist_tempnet.runtime.nonfinite import any_rank, poisoned, skip_optimizer_step
 from dist_tempnet.runtime.spec import WorkerSpec
-from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram
+from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram, spool_path
 from dist_tempnet.tasks import build_task
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        self._warned_data = False
         # The checkpoint to continue from decides how the engine is built (universal loading after
         # a change of world size), so it is found first and stays readable until it is loaded.
         with sink.resume_point() as point:
@@ -152,7 +153,7 @@ class Trainer:
         if self.rank != 0 or not spec.mlflow_run_id:
             return Tracker.disabled()
         try:
-            return Tracker(spec.tracking_uri, spec.mlflow_run_id)
+            return Tracker(spec.tracking_uri, spec.mlflow_run_id, spool=spool_path(self.cfg))
         except Exception as exc:  # noqa: BLE001 - e.g. mlflow not installed on a bare GPU box
             logger.warning(f"MLflow disabled on rank 0: {exc}")
             return Tracker.disabled()
@@ -309,6 +310,7 @@ class Trainer:
                 logged[f"{self.task.unit}_per_s"] = rate
                 logged[f"{self.task.unit}_per_s_per_worker"] = rate / self.world
                 logged["nonfinite_skipped"] = float(self.nonfinite_skipped)
+                logged.update(self._data_metrics())
                 self.tracker.log_metrics(logged, self.step)
                 progress.show(self.step, logged, now - t_start, self.step - start_step)
                 self.last_metrics = logged
@@ -343,6 +345,28 @@ class Trainer:
         t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
         t = comm.all_reduce_sum(t) / self.world
         return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+    def _data_metrics(self) -> dict[str, float]:
+        """Samples and shards lost to corrupt data (allow_corrupt), summed over ranks; warns once when
+        the lost share exceeds data.warn_skipped_fraction."""
+        counters = self.task.data_counters()
+        keys = sorted(counters)
+        values = torch.tensor([float(counters[k]) for k in keys], dtype=torch.float64, device=self.device)
+        t = comm.all_reduce_sum(values)
+        total = dict(zip(keys, t.tolist()))
+        lost, read = total["skipped_samples"], total["skipped_samples"] + total["samples_seen"]
+        limit = self.cfg.data.warn_skipped_fraction
+        if lost and lost > limit * read and not self._warned_data:
+            self._warned_data = True
+            message = (
+                f"{lost:.0f} of {read:.0f} training samples read so far ({lost / read:.1%}) were skipped "
+                f"as corrupt, in {total['skipped_shards']:.0f} unreadable shard(s) (data.allow_corrupt; "
+                f"warning above data.warn_skipped_fraction={limit}): check {self.cfg.data.path}"
+            )
+            if self.rank == 0:
+                logger.warning(message)
+            self.tracker.set_tags({"data_warning": message})
+        return {"data/skipped_samples": lost, "data/skipped_shards": total["skipped_shards"]}
 
     def _on_nonfinite(self) -> None:
         if self.rank == 0:
@@ -383,7 +407,7 @@ class Trainer:
             config=self.cfg.to_dict(),
             metrics=metrics or {**self.last_metrics, **self.last_eval, "step": self.step},
             extra={
-                "mlflow_run_id": self.tracker.run_id or "",
+                "mlflow_run_id": self.tracker.resolved_run_id() if self.tracker.enabled else "",
                 "tracking_uri": self.tracking_uri,
                 "resume_count": self.resume_count,
                 "final": final,

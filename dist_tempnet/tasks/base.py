@@ -82,6 +82,15 @@ class Task:
         self._stream = self._open_stream(self._data_resume)
         return self._stream
 
+    def data_counters(self) -> dict[str, int]:
+        """This rank's training-stream counters: samples delivered, and lost to corrupt data."""
+        stream = self._stream
+        return {
+            "samples_seen": int(getattr(stream, "samples_seen", 0)),
+            "skipped_samples": int(getattr(stream, "skipped_samples", 0)),
+            "skipped_shards": int(getattr(stream, "skipped_shards", 0)),
+        }
+
     def state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint (plain types and tensors only)."""
         return {"data": data_position(self._stream)}

@@ -160,7 +160,11 @@ class CLIPTask(Task):
         metrics.update(_tau_stats(text_tau, "text"))
         metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
         stats = engine.module.last_stats
-        metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if k != "loss"})
+        # Each quantity once: τ statistics are the tau/* above, γ is logged by before_step (with its
+        # schedule), ρ is a constant (a param).
+        metrics.update(
+            {k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if not _logged_elsewhere(k)}
+        )
         return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
@@ -279,6 +283,10 @@ class CLIPTask(Task):
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {f"{side} τ": tau for side, tau in self._last_eval_tau.items()}
         return taus, "τ (TempNet, held-out split)", "samples"
+
+
+def _logged_elsewhere(stat: str) -> bool:
+    return stat in ("loss", "gamma", "rho", "tau") or stat.startswith("tau_")
 
 
 def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:

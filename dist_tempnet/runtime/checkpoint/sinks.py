@@ -29,9 +29,13 @@ from dist_tempnet.runtime.checkpoint.layout import (
     write_rank_files,
 )
 from dist_tempnet.runtime.checkpoint.restore import ResumePoint
-from dist_tempnet.runtime.faults import FaultPlan
+from dist_tempnet.runtime.faults import FaultPlan, InjectedFault
 from dist_tempnet.runtime.spec import WorkerSpec
 from dist_tempnet.runtime.storage import is_uri, scheme_of
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (the message names the directory)."""
 
 
 class CheckpointSink:
@@ -89,14 +93,25 @@ class LocalSink(CheckpointSink):
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
         _barrier()
-        write_rank_files(staging, engine, step, task_state, config, metrics, extra, self.fault)
-        _barrier()
-        if comm.rank() == 0:
-            (staging / COMPLETE).write_text(str(step))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
-            self._apply_retention()
+        try:
+            write_rank_files(staging, engine, step, task_state, config, metrics, extra, self.fault)
+            _barrier()
+            if comm.rank() == 0:
+                (staging / COMPLETE).write_text(str(step))
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(staging, final)
+                self._apply_retention()
+        except InjectedFault:
+            raise  # stands for a crash: nothing would clean up after one
+        except (OSError, RuntimeError) as exc:
+            # Disk full / quota: torch's writer says only "basic_ios::clear". Name the path, and do not
+            # leave a staging directory (or a half-moved step) behind; earlier checkpoints stay.
+            shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointWriteError(
+                f"writing checkpoint step {step} to {staging} failed ({type(exc).__name__}: {exc}); "
+                f"is {self.root} out of space or quota? (staging directory removed)"
+            ) from exc
         _barrier()
         self.last_timing = {"write_s": time.perf_counter() - t0}
         return str(final)
