@@ -272,8 +272,7 @@ class CLIPTask(Task):
         for side, feats in (("image", img), ("text", txt)):
             tempnet = getattr(loss_fn, f"{side}_tempnet", None)
             if isinstance(tempnet, nn.Module):
-                dtype = next(tempnet.parameters()).dtype
-                out[side] = tempnet(feats.to(dtype)).float().cpu()
+                out[side] = tempnet(feats).float().cpu()  # TempNet computes in fp32 itself
         return out
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
