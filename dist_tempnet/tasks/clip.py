@@ -56,7 +56,7 @@ class CLIPTrainModule(nn.Module):
         # A plain tuple of tensors: ZeRO-3 finds its backward hooks through the outputs' tensors.
         img, txt = self.embed(pixel_values, input_ids, attention_mask)
         out = self.loss_fn(img, txt, sample_ids)
-        self.last_stats = out.stats or {}
+        self.last_stats = out.tensor_stats
         return out.loss, out.image_tau, out.text_tau
 
 
@@ -155,13 +155,7 @@ class CLIPTask(Task):
         loss, image_tau, text_tau = engine(
             batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"]
         )
-        metrics = {"loss": float(loss.detach())}
-        metrics.update(_tau_stats(image_tau, "image"))
-        metrics.update(_tau_stats(text_tau, "text"))
-        metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
-        stats = engine.module.last_stats
-        metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if k != "loss"})
-        return StepResult(loss, metrics)
+        return StepResult(loss, clip_step_metrics(loss, image_tau, text_tau, engine.module.last_stats))
 
     def state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint: exact data position and DRO state shard."""
@@ -280,15 +274,26 @@ class CLIPTask(Task):
         return taus, "τ (TempNet, held-out split)", "samples"
 
 
-def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:
+def clip_step_metrics(
+    loss: torch.Tensor,
+    image_tau: torch.Tensor | None,
+    text_tau: torch.Tensor | None,
+    stats: dict[str, torch.Tensor | float],
+) -> dict[str, torch.Tensor | float]:
+    """One micro-step's metrics as device tensors: no host sync; the loop syncs at log_every."""
+    metrics: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
+    metrics.update(_tau_stats(image_tau, "image"))
+    metrics.update(_tau_stats(text_tau, "text"))
+    metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
+    metrics.update({k if "/" in k else f"loss/{k}": v for k, v in stats.items() if k != "loss"})
+    return metrics
+
+
+def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, torch.Tensor | float]:
     if tau is None or tau.numel() == 0:
         return {f"tau/{side}_mean": float("nan")}
     t = tau.detach().float()
-    return {
-        f"tau/{side}_mean": float(t.mean()),
-        f"tau/{side}_min": float(t.min()),
-        f"tau/{side}_max": float(t.max()),
-    }
+    return {f"tau/{side}_mean": t.mean(), f"tau/{side}_min": t.min(), f"tau/{side}_max": t.max()}
 
 
 def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:
