@@ -239,3 +239,65 @@ def test_clip_dro_micro_steps_make_no_host_sync():
     assert "loss/objective" in total and "tau/image_min" in total
     # The loss did update the DRO state (the sync-free update path really ran).
     assert int(loss_fn.dro_state.visited.sum()) > 0
+
+
+def test_mfu_counts_no_backbone_backward_for_tempnet_only():
+    import importlib.util
+
+    from dist_tempnet.models.lm import count_parameters
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_throughput.py"
+    spec = importlib.util.spec_from_file_location("train_throughput", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    n = count_parameters("llama_1b")
+    full = bench.model_flops_per_token(n, 16, 2048, 2048, backbone_backward=True)
+    frozen = bench.model_flops_per_token(n, 16, 2048, 2048, backbone_backward=False)
+    assert full == 6 * n + 12 * 16 * 2048 * 2048
+    assert frozen == pytest.approx(full / 3)  # forward only: a third of the work
+
+
+# -- a GPU box without Ray, MLflow or webdataset ------------------------------------------------
+
+BLOCKER = """
+import importlib.abc, importlib.util, sys
+BLOCKED = ("ray", "mlflow", "webdataset")
+def _blocked(name):
+    return name.split(".")[0] in BLOCKED
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if _blocked(name):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+_find_spec = importlib.util.find_spec  # what transformers/accelerate use to probe for packages
+importlib.util.find_spec = lambda name, package=None: None if _blocked(name) else _find_spec(name, package)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_worker_and_benchmarks_import_without_ray_mlflow_webdataset(tmp_path):
+    import subprocess
+
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)  # applies to every python started below
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{repo}", DS_ACCELERATOR="cpu")
+    code = (
+        "import importlib, sys\n"
+        "for m in ('ray', 'mlflow', 'webdataset'):\n"
+        "    try:\n        importlib.import_module(m)\n    except ImportError:\n        pass\n"
+        "    else:\n        sys.exit(f'{m} was not blocked')\n"
+        "import dist_tempnet.train, dist_tempnet.runtime.trainer\n"
+        "import dist_tempnet.tasks.lm, dist_tempnet.tasks.clip\n"
+        "import dist_tempnet.data.reader, dist_tempnet.data.shards\n"
+        "print('imported')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr[-3000:]
+    for script in ("train_throughput.py", "clip_throughput.py", "gpu_lm_loss.py", "lm_loss.py"):
+        proc = subprocess.run(
+            [sys.executable, str(repo / "benchmarks" / script), "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, (script, proc.stderr[-3000:])
