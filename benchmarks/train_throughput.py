@@ -37,6 +37,15 @@ TINY_LM = [
 ]
 
 
+def model_flops_per_token(params: int, layers: int, hidden: int, seq: int, backbone_backward: bool) -> float:
+    """Model FLOPs per token actually done (DESIGN §6): 6·params + 12·layers·hidden·seq with a
+    backward; forward only (2·params + 4·layers·hidden·seq) when the LM is frozen (tempnet_only: no
+    backbone backward, TempNet's own FLOPs are negligible), so its MFU is not inflated 3×."""
+    if backbone_backward:
+        return 6 * params + 12 * layers * hidden * seq
+    return 2 * params + 4 * layers * hidden * seq
+
+
 def peak_flops(device_name: str) -> float | None:
     for key, value in PEAK_BF16_FLOPS.items():
         if key in device_name:
@@ -127,7 +136,9 @@ def run_one(args: argparse.Namespace) -> dict:
         if cfg.deepspeed.zero_stage == 3:
             n_params = sum(getattr(p, "ds_numel", p.numel()) for p in lm.parameters())
         c = lm.config
-        flops_per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * cfg.data.seq_len
+        flops_per_token = model_flops_per_token(
+            n_params, c.num_hidden_layers, c.hidden_size, cfg.data.seq_len, cfg.train.mode != "tempnet_only"
+        )
         peak = peak_flops(result["device"])
         result["params"] = n_params
         result["mfu"] = rate * flops_per_token / peak if peak else None

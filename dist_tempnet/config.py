@@ -127,7 +127,8 @@ class LossConfig:
 class DeepSpeedConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
-    overlap_comm: bool = False
+    # None: DeepSpeed's own default (on for ZeRO-3, off for ZeRO-1/2).
+    overlap_comm: bool | None = None
     # Raw keys merged last into the generated DeepSpeed config (escape hatch for experts).
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -401,6 +402,14 @@ def validate(cfg: Config, source: str = "config") -> None:
     _one_of(t.mode, LM_MODES, source, "train.mode")
     _one_of(cfg.deepspeed.zero_stage, (0, 1, 2, 3), source, "deepspeed.zero_stage")
     r.use_gpu = r.use_gpu.lower()
+    _check(
+        not cfg.deepspeed.offload_optimizer,
+        source,
+        "deepspeed.offload_optimizer",
+        "true is not supported: ZeRO-Offload fails in deepspeed.initialize with our client torch AdamW "
+        "(per-group lr) and needs DeepSpeed's CPU Adam, a C++ op JIT-compiled at start that has not been "
+        "built or tested with this project; use deepspeed.zero_stage=3 to save GPU memory instead",
+    )
     _one_of(r.use_gpu, ("auto", "true", "false"), source, "ray.use_gpu")
     _check(r.cpus_per_worker > 0, source, "ray.cpus_per_worker", f"must be > 0, got {r.cpus_per_worker}")
     _one_of(

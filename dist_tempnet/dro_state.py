@@ -45,12 +45,23 @@ def num_owned(num_samples: int, rank: int, world_size: int) -> int:
     return max(0, (num_samples - rank + world_size - 1) // world_size)
 
 
-def _last_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """Positions of the last occurrence of each distinct id (so duplicate writes are deterministic)."""
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    positions = torch.arange(ids.numel(), device=ids.device)
-    last = torch.full((unique.numel(),), -1, dtype=torch.long, device=ids.device)
-    return last.scatter_reduce(0, inverse, positions, reduce="amax")
+def _last_occurrence_source(ids: torch.Tensor) -> torch.Tensor:
+    """For each position, the position of the last occurrence of its id.
+
+    Writing `values[_last_occurrence_source(ids)]` at `ids` makes every duplicate write the same
+    row, so the result is deterministic without filtering (a data-dependent shape would need a
+    host sync on an accelerator).
+    """
+    n = ids.numel()
+    sorted_ids, order = torch.sort(ids, stable=True)
+    positions = torch.arange(n, device=ids.device)
+    is_last = torch.ones(n, dtype=torch.bool, device=ids.device)
+    is_last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+    # End of each run of equal ids in sorted order: a reverse running minimum of the run ends.
+    ends = torch.where(is_last, positions, n).flip(0).cummin(0).values.flip(0)
+    source = torch.empty_like(order)
+    source[order] = order[ends]
+    return source
 
 
 class DROState:
@@ -82,8 +93,13 @@ class DROState:
         self.initial_values: dict[str, float] = {name: 0.0 for name in U_FIELDS} | extra
         rows = num_owned(self.num_samples, self.rank, self.world_size)
         init = torch.tensor([self.initial_values[f] for f in self.fields], dtype=torch.float64)
-        self.table = init.to(self.device).repeat(rows, 1)
-        self.visited = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        # One scratch row past the end takes the writes of ids this rank does not own, so lookups
+        # and updates need no boolean-mask indexing (a host sync on an accelerator).
+        self._scratch = rows
+        self._table = init.to(self.device).repeat(rows + 1, 1)
+        self._visited = torch.zeros(rows + 1, dtype=torch.bool, device=self.device)
+        self.table = self._table[:rows]
+        self.visited = self._visited[:rows]
 
     # ---------------------------------------------------------------- per-step access
 
@@ -103,12 +119,20 @@ class DROState:
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"sample ids must be an integer tensor, got {ids.dtype}")
         ids = ids.reshape(-1).to(device=self.device, dtype=torch.long)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_samples):
-            raise ValueError(
-                f"sample ids must lie in [0, {self.num_samples}) (num_samples of this DRO state), "
-                f"got min {int(ids.min())}, max {int(ids.max())}"
-            )
+        if not ids.numel():
+            return ids
+        in_range = (ids.min() >= 0) & (ids.max() < self.num_samples)
+        message = f"sample ids must lie in [0, {self.num_samples}) (num_samples of this DRO state)"
+        if ids.device.type != "cpu":
+            torch._assert_async(in_range, message)  # checked on the device, no host sync
+        elif not bool(in_range):
+            raise ValueError(f"{message}, got min {int(ids.min())}, max {int(ids.max())}")
         return ids
+
+    def _local_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(owned mask, local row of each id; the scratch row for ids owned elsewhere)."""
+        owned = self.owned_mask(ids)
+        return owned, torch.where(owned, ids // self.world_size, self._scratch)
 
     def owned_mask(self, ids: torch.Tensor) -> torch.Tensor:
         return ids % self.world_size == self.rank
@@ -121,12 +145,9 @@ class DROState:
         """
         out_device = ids.device
         ids = self._check_ids(ids)
-        out = torch.zeros(ids.numel(), len(self.fields) + 1, dtype=torch.float64, device=self.device)
-        owned = self.owned_mask(ids)
-        local = ids[owned] // self.world_size
-        out[owned, :-1] = self.table[local]
-        out[owned, -1] = self.visited[local].to(torch.float64)
-        return out.to(out_device)
+        owned, local = self._local_rows(ids)
+        out = torch.cat([self._table[local], self._visited[local].to(torch.float64).unsqueeze(1)], dim=1)
+        return torch.where(owned.unsqueeze(1), out, 0.0).to(out_device)
 
     def update(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Store `values` [len(ids), len(fields)] for the owned ids and mark them visited.
@@ -140,12 +161,10 @@ class DROState:
                 f"DROState.update expects values of shape ({ids.numel()}, {len(self.fields)}) "
                 f"for fields {self.fields}, got {tuple(values.shape)}"
             )
-        keep = _last_occurrence(ids)
-        ids, values = ids[keep], values[keep]
-        owned = self.owned_mask(ids)
-        local = ids[owned] // self.world_size
-        self.table[local] = values[owned]
-        self.visited[local] = True
+        values = values[_last_occurrence_source(ids)]
+        _, local = self._local_rows(ids)
+        self._table[local] = values
+        self._visited[local] = True
 
     def global_ids(self) -> torch.Tensor:
         """Sample id of each local row."""

@@ -3,13 +3,41 @@
 Both nets read *detached* inputs: the backbone never gets gradient through τ, only through the
 robust loss with τ held fixed. σ below is the logistic sigmoid. Scalar parameters are stored 1-dim
 because DeepSpeed 0.19.8 cannot broadcast 0-dim parameters.
+
+Precision: TempNet math always runs in fp32 (DESIGN §10), whatever dtype the engine stored the
+parameters in and whatever autocast is active: the readout's `(attn − 1/M) ⊙ v` cancels in bf16 and
+bf16 has only 8 bits of mantissa, so a bf16 τ would take a handful of distinct values.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def fp32_math(device: torch.device) -> Iterator[None]:
+    """Autocast off: TempNet's matmuls must not be downcast to bf16 by an enclosing autocast."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _math_dtype(param: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 parameters; fp64 stays fp64 (the exactness tests)."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter in math precision (differentiable: its gradient flows back in the parameter's dtype)."""
+    return None if t is None else t.to(_math_dtype(t))
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.to(_math_dtype(layer.weight)), _fp32(layer.weight), _fp32(layer.bias))
 
 
 def _bounded_tau(score: torch.Tensor, tau_min: float, tau_max: float) -> torch.Tensor:
@@ -36,9 +64,11 @@ class _Readout(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        attn = torch.softmax(scores / self.log_scale.exp(), dim=-1)
-        score = self.out((attn - 1.0 / self.width) * values).squeeze(-1)
-        return _bounded_tau(score, self.tau_min, self.tau_max)
+        with fp32_math(scores.device):
+            scale = _fp32(self.log_scale)
+            attn = torch.softmax(scores.to(scale.dtype) / scale.exp(), dim=-1)
+            score = _linear32(self.out, (attn - 1.0 / self.width) * values.to(attn.dtype)).squeeze(-1)
+            return _bounded_tau(score, self.tau_min, self.tau_max)
 
 
 class _TempNet(nn.Module):
@@ -80,13 +110,15 @@ class LMTempNet(_TempNet):
         self.readout = _Readout(hidden_size, tau_min, tau_max)
 
     def tau_from_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
-        """τ given W1·normalize(z) + b1 (shape [N, hidden])."""
-        h = self.second(self.dropout(torch.sigmoid(pre)))
-        return self.readout(h, h)
+        """τ (fp32) given W1·normalize(z) + b1 (shape [N, hidden])."""
+        with fp32_math(pre.device):
+            h = _linear32(self.second, self.dropout(torch.sigmoid(pre.to(_math_dtype(self.second.weight)))))
+            return self.readout(h, h)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(logits.detach().to(self.first.weight.dtype), dim=-1)
-        return self.tau_from_first_layer(self.first(x))
+        with fp32_math(logits.device):
+            x = F.normalize(logits.detach().to(_math_dtype(self.first.weight)), dim=-1)
+            return self.tau_from_first_layer(_linear32(self.first, x))
 
 
 class CLIPTempNet(_TempNet):
@@ -112,6 +144,7 @@ class CLIPTempNet(_TempNet):
         self.readout = _Readout(num_prototypes, tau_min, tau_max)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(torch.sigmoid(self.proj(features.detach().to(self.proj.weight.dtype))))
-        p = x @ F.normalize(self.prototypes, dim=-1).t()
-        return self.readout(p, torch.sigmoid(p))
+        with fp32_math(features.device):
+            x = self.dropout(torch.sigmoid(_linear32(self.proj, features.detach())))
+            p = x @ F.normalize(_fp32(self.prototypes), dim=-1).t()
+            return self.readout(p, torch.sigmoid(p))

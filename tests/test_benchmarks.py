@@ -47,3 +47,24 @@ def test_clip_throughput_tiny(tmp_path):
 def test_gpu_lm_loss_tiny_on_cpu(tmp_path):
     out = _run(str(REPO / "benchmarks" / "gpu_lm_loss.py"), "--tiny", cwd=tmp_path)
     assert "target peak fused/chunked_ce" in out and "target time fused/full_ce" in out
+
+
+def test_gpu_suite_tiny(tmp_path):
+    import json
+    import os
+
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--tiny", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=1200,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SUITE_JSON "))
+    result = json.loads(line[len("SUITE_JSON ") :])
+    assert {r["variant"] for r in result["lm_loss"]} == {"naive", "fused", "chunked_ce", "full_ce"}
+    assert {r["variant"] for r in result["worker_loop"]} == {"ce:scratch", "tempnet:tempnet_only"}
+    assert {r["source"] for r in result["clip"]} == {"random", "disk"}
+    assert "| LLaMA loop | tempnet:tempnet_only | 2 |" in proc.stdout

@@ -236,14 +236,10 @@ def test_offloaded_optimizer_state_counts_on_the_host(stage, capsys):
     assert total(off, "gpu") - total(on, "gpu") >= 12 * p / k
     assert total(on, "gpu") + total(on, "host") >= total(off, "gpu"), "moved, not dropped"
 
+    # Training refuses ZeRO-Offload (no CPU Adam build here), so `plan` does not plan it silently.
     overrides = [f"deepspeed.zero_stage={stage}", "deepspeed.offload_optimizer=true"]
-    cfg = load_config(str(LLM_ZERO3), overrides)
-    plain = planner.make_plan(load_config(str(LLM_ZERO3), overrides[:1]), 8, 80)
-    offloaded = planner.make_plan(cfg, 8, 80)
-    assert offloaded.peak_bytes < plain.peak_bytes
     rc = main(["plan", "--config", str(LLM_ZERO3), "--gpus", "8", "--gpu-mem", "80", *overrides])
-    out = capsys.readouterr().out
-    assert rc == 0 and "host memory per worker" in out and "Adam moments" in out.split("host memory")[1]
+    assert rc == 2 and "deepspeed.offload_optimizer" in capsys.readouterr().err
 
 
 def test_infeasible_config_is_rejected_with_the_reason(capsys):

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
 from dist_tempnet.data.manifest import (
     FORMAT_NAME,
     IMAGE_FIELDS,
@@ -93,6 +91,8 @@ def count_shard(url: str, caption_key: str = "txt", use_stats: bool = True) -> S
     fields: set[str] = set()
     with open_url(url) as handle:
         try:
+            from webdataset.tariterators import group_by_keys, tar_file_expander  # lazy: GPU boxes
+
             for raw in group_by_keys(tar_file_expander([{"url": url, "stream": handle}])):
                 slots += 1
                 keys = {k for k in raw if not k.startswith("__")}

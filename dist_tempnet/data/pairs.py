@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import webdataset as wds
 from PIL import Image
 
 from dist_tempnet.data.atomic import publish, tmp_path_for, write_json_atomic
@@ -110,6 +109,8 @@ def write_shard(job: ShardJob) -> dict[str, Any]:
     tmp = tmp_path_for(final)
     stats = {"count": len(job.rows), "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
     errors: list[str] = []
+    import webdataset as wds  # lazy: importing this module must not need webdataset
+
     with wds.TarWriter(str(tmp), encoder=False, mtime=0, user="", group="") as tar:
         for i, (image_path, caption) in enumerate(job.rows):
             path = Path(job.base) / image_path

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from dist_tempnet.data.manifest import IMAGE_FIELDS, Manifest, ShardInfo
 from dist_tempnet.data.sources import is_remote, open_url
@@ -110,6 +109,10 @@ def iter_raw_samples(
         raise FileNotFoundError(f"shard {shard.url} vanished before reading ({_describe(exc)})") from exc
     seen = 0
     problems_before = skips.count
+    # Imported here: the training worker and benchmarks import this module on GPU boxes without
+    # webdataset (only reading shards needs it).
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
     try:
         stream = group_by_keys(tar_file_expander([{"url": shard.url, "stream": handle}]))
         while True:

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
@@ -95,7 +94,7 @@ class ShardSetWriter:
         self.next_id = first_id
         self.fields: set[str] = set()
         self.shards: list[dict[str, Any]] = []
-        self._tar: wds.TarWriter | None = None
+        self._tar: Any = None  # webdataset.TarWriter while a shard is open
         self._tmp: Path | None = None
         self._shard_start = first_id
         prepare_split_dir(self.split_dir, overwrite)
@@ -145,6 +144,8 @@ class ShardSetWriter:
         self._tmp = tmp_path_for(final)
         # Fixed mtime/owner: the same samples always give byte-identical shards. The mtime must be
         # an int: a float forces a 1 KiB PAX header per file in Python's tarfile.
+        import webdataset as wds  # here: importing this module must not need webdataset
+
         self._tar = wds.TarWriter(str(self._tmp), encoder=False, mtime=0, user="", group="")
         self._shard_start = self.next_id
 

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
-import webdataset as wds
-from webdataset.shardlists import expand_urls
-
 # Schemes read through fsspec, and the package fsspec needs for each (optional extras).
 FSSPEC_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 STATS_SUFFIX = "_stats.json"
@@ -56,6 +53,8 @@ def open_url(url: str) -> IO[bytes]:
     """Open a local path or URL for reading, through fsspec (object stores) or webdataset's gopen."""
     if scheme(url) in FSSPEC_PACKAGES:
         return _fsspec_open(url)
+    import webdataset as wds  # here: importing this module must not need webdataset
+
     return wds.gopen(url, "rb")
 
 
@@ -127,6 +126,8 @@ def expand_source(source: str | Path | list[Any] | tuple[Any, ...]) -> list[str]
     items = list(source) if isinstance(source, (list, tuple)) else [source]
     urls: list[str] = []
     for item in items:
+        from webdataset.shardlists import expand_urls  # lazy, see open_url
+
         for url in expand_urls(str(item)):
             urls.extend(_expand_one(url))
     if not urls:

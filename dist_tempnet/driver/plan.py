@@ -654,8 +654,6 @@ def suggestions(plan: Plan) -> str:
         tips.append("deepspeed.zero_stage=3")
     if plan.shape.task == "lm" and not cfg.train.activation_checkpointing and not plan.shape.frozen_params:
         tips.append("train.activation_checkpointing=true")
-    if cfg.deepspeed.zero_stage >= 1 and not cfg.deepspeed.offload_optimizer and plan.device == "cuda":
-        tips.append("deepspeed.offload_optimizer=true")
     if cfg.train.micro_batch_size > 1:
         tips.append(f"train.micro_batch_size={cfg.train.micro_batch_size // 2}")
     if cfg.train.precision == "fp32":

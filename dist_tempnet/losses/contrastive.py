@@ -38,6 +38,7 @@ from the ranks owning the ids, plus every sample's τ) and B rows of updated u.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -70,13 +71,19 @@ class ContrastiveOutput:
     loss: scalar to backpropagate (see the module docstring for its gradient).
     image_tau, text_tau: [B] detached temperatures used for this rank's samples (a global τ is
         broadcast to [B]).
-    stats: per-rank scalars for logging (this rank's samples only; no extra collectives).
+    tensor_stats: per-rank scalars for logging (this rank's samples only; no extra collectives), as
+        0-dim tensors on the loss's device: the training loop accumulates them without a host sync.
+    stats: the same as floats (one device→host copy, on first access).
     """
 
     loss: torch.Tensor
     image_tau: torch.Tensor
     text_tau: torch.Tensor
-    stats: dict[str, float] = field(default_factory=dict)
+    tensor_stats: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+    @functools.cached_property
+    def stats(self) -> dict[str, float]:
+        return _to_floats(self.tensor_stats)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -175,7 +182,7 @@ class CLIPInfoNCELoss(nn.Module):
         loss = 0.5 * (image_loss + text_loss)
         tau = (1.0 / scale.detach()).expand(batch)
         stats = {"loss": loss.detach(), "tau": tau[0], "logit_scale": scale.detach()}
-        return ContrastiveOutput(loss, tau, tau, _to_floats(stats))
+        return ContrastiveOutput(loss, tau, tau, stats)
 
 
 # ------------------------------------------------------------------------------------------ DRO core
@@ -383,7 +390,7 @@ class _DROContrastiveLoss(nn.Module):
         loss = surrogate + (objective - surrogate).detach()
         stats = {"objective": objective, "gamma": self.gamma, "rho": self.rho, **step.stats}
         stats |= _summary("tau_image", tau_image) | _summary("tau_text", tau_text)
-        return ContrastiveOutput(loss, tau_image.detach(), tau_text.detach(), _to_floats(stats))
+        return ContrastiveOutput(loss, tau_image.detach(), tau_text.detach(), stats)
 
     def _statistics(
         self,

@@ -245,7 +245,7 @@ def tempnet_tau_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tempnet: LMT
     pre = (h * inv_norm.unsqueeze(1)) @ _ProjectThroughHead.apply(first.weight, head).t()
     if first.bias is not None:
         pre = pre + first.bias.to(acc)
-    return tempnet.tau_from_first_layer(pre.to(first.weight.dtype))
+    return tempnet.tau_from_first_layer(pre)  # fp32 (fp64 in the exactness tests), never bf16
 
 
 # ----------------------------------------------------------------------------------------------

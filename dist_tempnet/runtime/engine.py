@@ -44,11 +44,11 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
         )
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(overlap_comm=ds.overlap_comm, contiguous_gradients=True)
+        zero["contiguous_gradients"] = True
+        if ds.overlap_comm is not None:  # else DeepSpeed decides: on for ZeRO-3
+            zero["overlap_comm"] = ds.overlap_comm
     if ds.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=True)
-    if ds.offload_optimizer and ds.zero_stage >= 1:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     conf: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -63,6 +63,12 @@ def deepspeed_config(cfg: Config, world_size: int, load_universal: bool = False)
     }
     if load_universal:
         conf["checkpoint"] = {"load_universal": True}
+    if t.precision == "bf16" and ds.zero_stage >= 1:
+        # bf16 gradients lose low bits when summed over micro-batches and ranks: accumulate and
+        # reduce them in fp32, as DeepSpeed recommends for bf16. (Without ZeRO, DeepSpeed 0.19.8
+        # refuses a bf16 model with fp32 accumulation, so stage 0 keeps its bf16 DDP path.)
+        conf["data_types"] = {"grad_accum_dtype": "fp32"}
+        conf["communication_data_type"] = "fp32"
     conf.update(ds.extra)
     return conf
 
@@ -78,8 +84,9 @@ def build_optimizer(groups: list[ParamGroup], cfg: Config) -> torch.optim.Optimi
         for g in groups
         if g.params
     ]
-    fused = torch.cuda.is_available() and cfg.deepspeed.offload_optimizer is False
-    return torch.optim.AdamW(torch_groups, betas=tuple(cfg.train.betas), fused=fused or None)
+    # fused AdamW on CUDA: one kernel per step instead of one per tensor (offload is refused in config).
+    fused = torch.cuda.is_available() or None
+    return torch.optim.AdamW(torch_groups, betas=tuple(cfg.train.betas), fused=fused)
 
 
 def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config, load_universal: bool = False):

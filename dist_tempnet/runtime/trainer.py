@@ -235,7 +235,7 @@ class Trainer:
         A non-finite loss in any micro-batch on any rank skips the whole optimizer step
         (runtime.nonfinite): decided after the last forward, from one all-reduced flag."""
         engine, accum = self.engine, self.engine.gradient_accumulation_steps()
-        step_metrics: dict[str, float] = {}
+        step_metrics: dict[str, Any] = {}
         units = 0
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         skip = False
@@ -259,7 +259,7 @@ class Trainer:
                 skip_optimizer_step(engine)
             else:
                 engine.step()
-            for k, v in result.metrics.items():
+            for k, v in result.metrics.items():  # device tensors: no host sync here
                 step_metrics[k] = step_metrics.get(k, 0.0) + v / accum
         if skip:
             self.nonfinite_skipped += 1
@@ -341,8 +341,11 @@ class Trainer:
     def _reduce_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
         # Losses are per-rank; τ/u statistics are already global (computed from gathered values),
         # averaging them again is harmless. One all-reduce for all keys, in a fixed order.
+        # The metrics are device tensors accumulated without a sync: this is the one host sync.
         keys = sorted(metrics)
-        t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        t = torch.stack(
+            [torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).reshape(()) for k in keys]
+        )
         t = comm.all_reduce_sum(t) / self.world
         return {k: float(v) for k, v in zip(keys, t.tolist())}
 

@@ -22,10 +22,14 @@ from dist_tempnet.data.pipeline import data_position, resume_data_position
 
 @dataclass
 class StepResult:
-    """What a task's forward returns: the loss to backprop and metrics to log (already global)."""
+    """What a task's forward returns: the loss to backprop and metrics to log (already global).
+
+    Metrics are 0-dim device tensors (or plain numbers): reading them on the host would stall the
+    accelerator's queue every micro-step, so the loop accumulates them and syncs at log_every.
+    """
 
     loss: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
 
 
 @dataclass

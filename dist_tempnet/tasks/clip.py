@@ -56,7 +56,7 @@ class CLIPTrainModule(nn.Module):
         # A plain tuple of tensors: ZeRO-3 finds its backward hooks through the outputs' tensors.
         img, txt = self.embed(pixel_values, input_ids, attention_mask)
         out = self.loss_fn(img, txt, sample_ids)
-        self.last_stats = out.stats or {}
+        self.last_stats = out.tensor_stats
         return out.loss, out.image_tau, out.text_tau
 
 
@@ -155,17 +155,7 @@ class CLIPTask(Task):
         loss, image_tau, text_tau = engine(
             batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"]
         )
-        metrics = {"loss": float(loss.detach())}
-        metrics.update(_tau_stats(image_tau, "image"))
-        metrics.update(_tau_stats(text_tau, "text"))
-        metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
-        stats = engine.module.last_stats
-        # Each quantity once: τ statistics are the tau/* above, γ is logged by before_step (with its
-        # schedule), ρ is a constant (a param).
-        metrics.update(
-            {k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if not _logged_elsewhere(k)}
-        )
-        return StepResult(loss, metrics)
+        return StepResult(loss, clip_step_metrics(loss, image_tau, text_tau, engine.module.last_stats))
 
     def state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint: exact data position and DRO state shard."""
@@ -276,8 +266,7 @@ class CLIPTask(Task):
         for side, feats in (("image", img), ("text", txt)):
             tempnet = getattr(loss_fn, f"{side}_tempnet", None)
             if isinstance(tempnet, nn.Module):
-                dtype = next(tempnet.parameters()).dtype
-                out[side] = tempnet(feats.to(dtype)).float().cpu()
+                out[side] = tempnet(feats).float().cpu()  # TempNet computes in fp32 itself
         return out
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
@@ -289,15 +278,28 @@ def _logged_elsewhere(stat: str) -> bool:
     return stat in ("loss", "gamma", "rho", "tau") or stat.startswith("tau_")
 
 
-def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, float]:
+def clip_step_metrics(
+    loss: torch.Tensor,
+    image_tau: torch.Tensor | None,
+    text_tau: torch.Tensor | None,
+    stats: dict[str, torch.Tensor | float],
+) -> dict[str, torch.Tensor | float]:
+    """One micro-step's metrics as device tensors: no host sync; the loop syncs at log_every.
+    Each quantity once: τ statistics are the tau/* here, γ is logged by before_step (with its
+    schedule), ρ is a constant (a param)."""
+    metrics: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
+    metrics.update(_tau_stats(image_tau, "image"))
+    metrics.update(_tau_stats(text_tau, "text"))
+    metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
+    metrics.update({k if "/" in k else f"loss/{k}": v for k, v in stats.items() if not _logged_elsewhere(k)})
+    return metrics
+
+
+def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, torch.Tensor | float]:
     if tau is None or tau.numel() == 0:
         return {f"tau/{side}_mean": float("nan")}
     t = tau.detach().float()
-    return {
-        f"tau/{side}_mean": float(t.mean()),
-        f"tau/{side}_min": float(t.min()),
-        f"tau/{side}_max": float(t.max()),
-    }
+    return {f"tau/{side}_mean": t.mean(), f"tau/{side}_min": t.min(), f"tau/{side}_max": t.max()}
 
 
 def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:

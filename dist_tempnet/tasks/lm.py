@@ -27,8 +27,11 @@ def head_weight(lm: nn.Module) -> torch.Tensor:
 
 
 def final_hidden(lm: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Last hidden states (after the final norm) without computing the N×V logits."""
-    return lm.base_model(input_ids=input_ids).last_hidden_state
+    """Last hidden states (after the final norm) without computing the N×V logits.
+
+    use_cache=False: a KV cache is for generation; in training it only allocates and copies.
+    """
+    return lm.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 def inputs_and_labels(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +135,26 @@ def token_eval_sums(
     return sums
 
 
+def lm_step_metrics(
+    loss: torch.Tensor, tau: torch.Tensor | None, labels: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Loss and τ statistics of one micro-step as device tensors, and (τ, counted-token mask).
+
+    No host sync (no .item(), boolean-mask indexing or data-dependent branch): the training loop
+    accumulates these and syncs once per log_every.
+    """
+    metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
+    if tau is None:
+        return metrics, None
+    valid = labels.reshape(-1) != -100
+    counted = valid | ~valid.any()  # every token when none is valid
+    tau = tau.detach()
+    metrics["tau/mean"] = torch.where(counted, tau, 0).sum() / counted.sum()
+    metrics["tau/min"] = torch.where(counted, tau, torch.inf).amin()
+    metrics["tau/max"] = torch.where(counted, tau, -torch.inf).amax()
+    return metrics, (tau, counted)
+
+
 class LMTask(Task):
     unit = "tokens"
 
@@ -176,7 +199,7 @@ class LMTask(Task):
                 dropout=lo.tempnet_dropout,
             )
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
-        self.last_tau: torch.Tensor | None = None
+        self.last_tau: tuple[torch.Tensor, torch.Tensor] | None = None  # (τ, counted), on the device
 
     # -- the task contract (tasks.base.Task) -----------------------------------------------------
 
@@ -230,14 +253,7 @@ class LMTask(Task):
     def forward(self, engine, batch: dict[str, Any]) -> StepResult:
         inputs, labels, scale = self._split(batch)
         loss, tau = engine(inputs, labels, scale)
-        metrics = {"loss": float(loss.detach())}
-        if tau is not None:
-            valid = labels.reshape(-1) != -100
-            t = tau[valid] if valid.any() else tau
-            metrics.update(
-                {"tau/mean": float(t.mean()), "tau/min": float(t.min()), "tau/max": float(t.max())}
-            )
-            self.last_tau = t.detach().cpu()
+        metrics, self.last_tau = lm_step_metrics(loss, tau, labels)
         return StepResult(loss, metrics)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -279,5 +295,8 @@ class LMTask(Task):
         return results
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
-        taus = {"τ": self.last_tau} if self.last_tau is not None else {}
+        taus = {}
+        if self.last_tau is not None:
+            tau, counted = self.last_tau
+            taus["τ"] = tau[counted].cpu()
         return taus, "τ per token (last training batch)", "tokens"
