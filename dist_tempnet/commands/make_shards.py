@@ -22,14 +22,20 @@ def cmd_make_shards(args: argparse.Namespace) -> int:
             args.out, seq_len=args.seq_len, seed=args.seed, overwrite=args.overwrite
         )
     else:
-        out = data.make_demo_clip_dataset(
-            args.out,
-            num_train=args.num_train,
-            num_eval=args.num_eval,
-            image_size=args.image_size,
-            seed=args.seed,
-            overwrite=args.overwrite,
-        )
+        try:
+            out = data.make_demo_clip_dataset(
+                args.out,
+                num_train=args.num_train,
+                num_eval=args.num_eval,
+                image_size=args.image_size,
+                seed=args.seed,
+                overwrite=args.overwrite,
+                class_zipf=args.class_zipf,
+                caption_noise=args.caption_noise,
+                generic_captions=args.generic_captions,
+            )
+        except ValueError as exc:  # bad sizes or long-tail shares: the message names the option
+            raise SystemExit(f"dist-tempnet make-shards: {exc}") from exc
     print(f"shards written to {out}")
     return 0
 
@@ -45,5 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-eval", type=int, default=512)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-zipf", type=float, default=0.0, help="long-tailed demo: class share ∝ rank^-S")
+    p.add_argument("--caption-noise", type=float, default=0.0, help="share of train captions of a wrong class")
+    p.add_argument("--generic-captions", type=float, default=0.0, help="share naming only color or shape")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_make_shards)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dist_tempnet.config import Config
+from dist_tempnet.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -17,6 +17,8 @@ def prepare_data(cfg: Config) -> None:
 
     path = Path(cfg.data.path)
     if (path / cfg.data.train_split / "dataset.json").is_file() or (path / "dataset.json").is_file():
+        if cfg.data.demo and cfg.run.task == "clip" and (path / cfg.data.train_split).is_dir():
+            _check_demo_long_tail(cfg, path / cfg.data.train_split)
         return
     if not cfg.data.demo:
         raise FileNotFoundError(
@@ -31,9 +33,23 @@ def prepare_data(cfg: Config) -> None:
             num_eval=cfg.data.demo_num_eval,
             image_size=cfg.data.image_size,
             seed=cfg.run.seed,
+            class_zipf=cfg.data.demo_class_zipf,
+            caption_noise=cfg.data.demo_caption_noise,
+            generic_captions=cfg.data.demo_generic_captions,
         )
     else:
         make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
+
+
+def _check_demo_long_tail(cfg: Config, split_dir: Path) -> None:
+    """Existing demo data must be the long-tailed variant the config asks for, not silently another."""
+    from dist_tempnet.data.demo_clip import LongTail, check_long_tail
+
+    d = cfg.data
+    try:
+        check_long_tail(split_dir, LongTail(d.demo_class_zipf, d.demo_caption_noise, d.demo_generic_captions))
+    except ValueError as exc:
+        raise ConfigError(f"data.path: {exc}") from exc
 
 
 def absolutize_paths(cfg: Config) -> None:

@@ -20,10 +20,20 @@ from dist_tempnet.metrics import (
     gather_rows,
     lockstep,
     retrieval_metrics,
-    zero_shot_correct,
+    zero_shot_predictions,
 )
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
 from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
+from dist_tempnet.tau_stats import (
+    RecentSamples,
+    accuracy_on_classes,
+    rarest_classes,
+    spearman,
+    spread_metrics,
+)
+
+# How many of the most recently trained samples (per rank) τ is related to class frequency over.
+RECENT_TAU_SAMPLES = 4096
 
 
 class CLIPTrainModule(nn.Module):
@@ -105,6 +115,10 @@ class CLIPTask(Task):
         )
         self.module = CLIPTrainModule(clip, self.loss_fn)
         self._last_eval_tau: dict[str, torch.Tensor] = {}
+        # Per class share of the training split, when the data says (the long-tailed demo does).
+        frequency = self.train_manifest.metadata.get("class_frequency")
+        self.class_frequency = torch.tensor(frequency, dtype=torch.float64) if frequency else None
+        self._recent = RecentSamples(RECENT_TAU_SAMPLES)
 
     # -- the task contract (tasks.base.Task) ----------------------------------------------------
 
@@ -149,6 +163,7 @@ class CLIPTask(Task):
             batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"]
         )
         metrics = {"loss": float(loss.detach())}
+        self._recent.add(image=image_tau, text=text_tau, label=batch["labels"])
         metrics.update(_tau_stats(image_tau, "image"))
         metrics.update(_tau_stats(text_tau, "text"))
         metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
@@ -217,22 +232,62 @@ class CLIPTask(Task):
         results = retrieval_metrics(img_all, txt_all)
         results = {f"eval/{k}": v for k, v in results.items()}
         meta = manifest.metadata
+        lab_all = gather_rows(torch.cat(labels)) if labels else None
         if self.cfg.eval.zero_shot and labels and meta.get("class_names") and meta.get("prompt_templates"):
-            lab_all = gather_rows(torch.cat(labels))
-            results["eval/zero_shot_acc"] = self._zero_shot(module, img_all, lab_all, meta)
+            correct = self._zero_shot(module, img_all, lab_all, meta)
+            results["eval/zero_shot_acc"] = float(correct.double().mean())
             results["eval/zero_shot_chance"] = 1.0 / len(meta["class_names"])
+            if self._long_tailed():
+                # Rarest / most frequent third of the classes by their share of the training split.
+                freq = self.class_frequency
+                results["eval/zero_shot_acc_tail"] = accuracy_on_classes(
+                    correct, lab_all, rarest_classes(freq)
+                )
+                results["eval/zero_shot_acc_head"] = accuracy_on_classes(
+                    correct, lab_all, rarest_classes(-freq)
+                )
         self._last_eval_tau = self._eval_tau(module, img_all, txt_all)
-        return results
+        results |= self._tau_frequency_metrics(lab_all)
+        return {k: v for k, v in results.items() if v == v}  # NaN: undefined here (e.g. constant τ)
+
+    def _long_tailed(self) -> bool:
+        freq = self.class_frequency
+        return freq is not None and bool(freq.max() > freq.min())
+
+    def _tau_frequency_metrics(self, eval_labels: torch.Tensor | None) -> dict[str, float]:
+        """τ spread of the held-out split (TempNet) and of the last trained samples (any per-sample τ),
+        and Spearman's correlation of τ with the sample's class frequency when the data has one."""
+        lo, out = self.cfg.loss, {}
+        for side, tau in self._last_eval_tau.items():
+            out |= {
+                f"eval/{k}": v for k, v in spread_metrics(tau, f"tau_{side}", lo.tau_min, lo.tau_max).items()
+            }
+            if self._long_tailed() and eval_labels is not None:
+                freq = self.class_frequency[eval_labels.cpu()]
+                out[f"eval/tau_freq_spearman_{side}"] = spearman(tau, freq)
+        if not len(self._recent):
+            return out
+        recent = {name: gather_rows(col.to(self.device)).cpu() for name, col in self._recent.columns.items()}
+        per_sample = lo.name != "clip" and lo.name != "sogclr"
+        for side in ("image", "text"):
+            if per_sample:
+                out |= {f"train_tau/{k}": v for k, v in spread_metrics(recent[side], side).items()}
+            labeled = recent["label"] >= 0
+            if per_sample and self._long_tailed() and labeled.any():
+                freq = self.class_frequency[recent["label"][labeled].long()]
+                out[f"train_tau/freq_spearman_{side}"] = spearman(recent[side][labeled], freq)
+        return out
 
     def _zero_shot(
         self, module: CLIPTrainModule, img_all: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]
-    ) -> float:
+    ) -> torch.Tensor:
+        """[N] bool: is each held-out image's nearest class prompt its own class?"""
         classes, templates = meta["class_names"], meta["prompt_templates"]
         prompts = [t.format(c) for c in classes for t in templates]
         enc = tokenize(self.tokenizer, prompts, self.cfg.data.max_text_len, self.device)
         _, txt = module.embed(None, enc["input_ids"], enc["attention_mask"])
         class_emb = class_text_embeddings(txt.view(len(classes), len(templates), -1))
-        return zero_shot_correct(img_all, class_emb, labels.to(img_all.device)) / max(1, labels.numel())
+        return zero_shot_predictions(img_all, class_emb).cpu() == labels.cpu()
 
     def _eval_tau(
         self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor
