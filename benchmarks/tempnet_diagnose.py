@@ -77,10 +77,10 @@ class Probe:
 def run(config: str, overrides: list[str], steps: int, every: int, workdir: str) -> list[dict]:
     import torch
 
-    from dist_tempnet.checkpoint import LocalSink
     from dist_tempnet.config import load_config
-    from dist_tempnet.launcher import absolutize_paths, prepare_data
-    from dist_tempnet.train import Trainer
+    from dist_tempnet.data.prepare import absolutize_paths, prepare_data
+    from dist_tempnet.runtime.checkpoint import LocalSink
+    from dist_tempnet.runtime.trainer import Trainer
 
     os.chdir(workdir)
     cfg = load_config(
@@ -88,7 +88,7 @@ def run(config: str, overrides: list[str], steps: int, every: int, workdir: str)
     )
     absolutize_paths(cfg)
     prepare_data(cfg)
-    trainer = Trainer(cfg, {}, LocalSink(Path(tempfile.mkdtemp()) / "ckpt", keep_last=1))
+    trainer = Trainer(cfg, None, LocalSink(Path(tempfile.mkdtemp()) / "ckpt", keep_last=1))
     probe = Probe(trainer.task.loss_fn)
     rows = []
     taus: list[torch.Tensor] = []

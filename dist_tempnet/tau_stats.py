@@ -111,3 +111,65 @@ class RecentSamples:
 
     def __len__(self) -> int:
         return next(iter(self.columns.values())).numel() if self.columns else 0
+
+
+# τ health thresholds, as shares of the range τ_max − τ_min or of the samples.
+MOVED_SHARE = 0.01  # the median moved, or p10..p90 spread, by more than this share of the range
+COLLAPSED_SHARE = 0.9  # this share of the samples sits on one bound
+
+
+class TauHealth:
+    """Watches the logged τ spread of per-sample temperatures and says when something is off.
+
+    `prefixes` name the logged series (e.g. "tau/image" for tau/image_p10, _p50, _p90, _at_min,
+    _at_max). `start` takes the first step's metrics as the initial τ; `check` (called with the
+    metrics of a logged step) returns the warnings to emit, each kind once per series: τ has not
+    moved from its initial value after warm-up (median and spread within MOVED_SHARE of the range),
+    or τ sits on a bound for COLLAPSED_SHARE of the samples.
+    """
+
+    def __init__(self, prefixes: list[str], tau_min: float, tau_max: float, warmup_steps: int) -> None:
+        self.prefixes, self.tau_min, self.tau_max = list(prefixes), float(tau_min), float(tau_max)
+        self.warmup_steps = int(warmup_steps)
+        self.initial: dict[str, float] = {}
+        self.warned: set[tuple[str, str]] = set()
+
+    def start(self, metrics: dict[str, float]) -> None:
+        for prefix in self.prefixes:
+            if f"{prefix}_p50" in metrics and prefix not in self.initial:
+                self.initial[prefix] = metrics[f"{prefix}_p50"]
+
+    def check(self, step: int, metrics: dict[str, float]) -> list[str]:
+        if step <= self.warmup_steps:
+            return []
+        out, width = [], self.tau_max - self.tau_min
+        for prefix in self.prefixes:
+            p10, p50, p90 = (metrics.get(f"{prefix}_{q}") for q in ("p10", "p50", "p90"))
+            if p50 is None or p10 is None or p90 is None:
+                continue
+            start = self.initial.get(prefix, p50)
+            if abs(p50 - start) <= MOVED_SHARE * width and p90 - p10 <= MOVED_SHARE * width:
+                out += self._once(
+                    prefix,
+                    "still",
+                    f"{prefix}: τ has not moved from its initial value after warm-up (step {step}: "
+                    f"p10/p50/p90 {p10:.5g}/{p50:.5g}/{p90:.5g}, initial median {start:.5g}, range "
+                    f"[{self.tau_min:g}, {self.tau_max:g}]): TempNet is not learning a personalized τ "
+                    "(check loss.tempnet_lr and loss.rho against log(global batch - 1) or log(vocab))",
+                )
+            for bound, value in (("min", self.tau_min), ("max", self.tau_max)):
+                share = metrics.get(f"{prefix}_at_{bound}")
+                if share is not None and share >= COLLAPSED_SHARE:
+                    out += self._once(
+                        prefix,
+                        bound,
+                        f"{prefix}: τ collapsed onto tau_{bound}={value:g} for {share:.0%} of the samples "
+                        f"at step {step} (p10/p50/p90 {p10:.5g}/{p50:.5g}/{p90:.5g})",
+                    )
+        return out
+
+    def _once(self, prefix: str, kind: str, message: str) -> list[str]:
+        if (prefix, kind) in self.warned:
+            return []
+        self.warned.add((prefix, kind))
+        return [message]

@@ -80,3 +80,25 @@ def test_tau_histogram_of_collapsed_tau_is_logged_not_raised(tmp_path):
     assert low < 0.02742 < high and high - low > 1e-6
     log_tau_histogram(Tracker(uri, run_id), {"image τ": tau, "text τ": tau.clone()}, "τ", "samples")
     assert [a.path for a in client.list_artifacts(run_id)] == ["tau_histogram.png"]
+
+
+def test_tau_health_flags_a_still_tau_and_a_collapse_once():
+    from dist_tempnet.tau_stats import TauHealth
+
+    def logged(p10, p50, p90, at_min=0.0, at_max=0.0):
+        return {"tau/image_p10": p10, "tau/image_p50": p50, "tau/image_p90": p90,
+                "tau/image_at_min": at_min, "tau/image_at_max": at_max}  # fmt: skip
+
+    health = TauHealth(["tau/image"], 0.005, 0.05, warmup_steps=20)
+    health.start(logged(0.0275, 0.0275, 0.0275))
+    assert health.check(10, logged(0.0275, 0.0275, 0.0275)) == []  # still warming up
+    [still] = health.check(30, logged(0.0274, 0.0274, 0.0275))
+    assert "has not moved" in still and "step 30" in still
+    assert health.check(40, logged(0.0274, 0.0274, 0.0275)) == []  # once
+    [collapsed] = health.check(50, logged(0.005, 0.005, 0.005, at_min=0.97))
+    assert "collapsed onto tau_min=0.005 for 97%" in collapsed
+
+    moving = TauHealth(["tau/image"], 0.005, 0.05, warmup_steps=0)
+    moving.start(logged(0.0275, 0.0275, 0.0275))
+    assert moving.check(5, logged(0.010, 0.020, 0.040)) == []  # spread out: healthy
+    assert moving.check(6, logged(0.0300, 0.0301, 0.0302)) == []  # moved as a whole: not "still"

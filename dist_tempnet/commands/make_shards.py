@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class-zipf", type=float, default=0.0, help="long-tailed demo: class share ∝ rank^-S")
-    p.add_argument("--caption-noise", type=float, default=0.0, help="share of train captions of a wrong class")
+    p.add_argument("--caption-noise", type=float, default=0.0, help="share of wrong-class captions")
     p.add_argument("--generic-captions", type=float, default=0.0, help="share naming only color or shape")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_make_shards)

@@ -34,6 +34,8 @@ from dist_tempnet.tau_stats import (
 
 # How many of the most recently trained samples (per rank) τ is related to class frequency over.
 RECENT_TAU_SAMPLES = 4096
+# Losses whose τ is per sample, in [loss.tau_min, loss.tau_max] (InfoNCE and SogCLR have one global τ).
+PER_SAMPLE_TAU = ("isogclr", "isogclr_tempnet")
 
 
 class CLIPTrainModule(nn.Module):
@@ -166,6 +168,9 @@ class CLIPTask(Task):
         self._recent.add(image=image_tau, text=text_tau, label=batch["labels"])
         metrics.update(_tau_stats(image_tau, "image"))
         metrics.update(_tau_stats(text_tau, "text"))
+        lo = self.cfg.loss
+        for prefix, tau in zip(self.tau_prefixes(), (image_tau, text_tau)):
+            metrics.update(spread_metrics(tau, prefix, lo.tau_min, lo.tau_max))
         metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
         stats = engine.module.last_stats
         metrics.update({k if "/" in k else f"loss/{k}": float(v) for k, v in stats.items() if k != "loss"})
@@ -268,7 +273,7 @@ class CLIPTask(Task):
         if not len(self._recent):
             return out
         recent = {name: gather_rows(col.to(self.device)).cpu() for name, col in self._recent.columns.items()}
-        per_sample = lo.name != "clip" and lo.name != "sogclr"
+        per_sample = lo.name in PER_SAMPLE_TAU
         for side in ("image", "text"):
             if per_sample:
                 out |= {f"train_tau/{k}": v for k, v in spread_metrics(recent[side], side).items()}
@@ -300,6 +305,9 @@ class CLIPTask(Task):
                 dtype = next(tempnet.parameters()).dtype
                 out[side] = tempnet(feats.to(dtype)).float().cpu()
         return out
+
+    def tau_prefixes(self) -> list[str]:
+        return ["tau/image", "tau/text"] if self.cfg.loss.name in PER_SAMPLE_TAU else []
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {f"{side} τ": tau for side, tau in self._last_eval_tau.items()}

@@ -243,6 +243,7 @@ class LMTask(Task):
             metrics.update(
                 {"tau/mean": float(t.mean()), "tau/min": float(t.min()), "tau/max": float(t.max())}
             )
+            metrics.update(spread_metrics(t, "tau", self.cfg.loss.tau_min, self.cfg.loss.tau_max))
             self.last_tau = t.detach().cpu()
         return StepResult(loss, metrics)
 
@@ -303,6 +304,9 @@ class LMTask(Task):
         out["eval/tau_entropy_spearman"] = spearman(tau, entropy)
         out["eval/tau_freq_spearman"] = spearman(tau, counts[target])
         return {k: v for k, v in out.items() if v == v}  # NaN: undefined (constant τ)
+
+    def tau_prefixes(self) -> list[str]:
+        return ["tau"] if self.module.tempnet is not None else []
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {"τ": self.last_tau} if self.last_tau is not None else {}
