@@ -87,6 +87,10 @@ class DataConfig:
     seq_len: int = 128  # LM token shards
     demo_num_train: int = 4096
     demo_num_eval: int = 512
+    # Long-tailed demo CLIP data (all 0: the balanced demo); see data.demo_clip.LongTail.
+    demo_class_zipf: float = 0.0  # class share ∝ rank^-zipf; > 0 also balances the eval split
+    demo_caption_noise: float = 0.0  # share of training captions describing a wrong class
+    demo_generic_captions: float = 0.0  # share naming only the color or only the shape
 
 
 @dataclass
@@ -449,6 +453,23 @@ def validate(cfg: Config, source: str = "config") -> None:
         source,
         "data.warn_skipped_fraction",
         f"must be in [0, 1], got {cfg.data.warn_skipped_fraction}",
+    )
+    d = cfg.data
+    _check(
+        math.isfinite(d.demo_class_zipf) and d.demo_class_zipf >= 0,
+        source,
+        "data.demo_class_zipf",
+        f"must be a finite number >= 0, got {d.demo_class_zipf}",
+    )
+    for key in ("demo_caption_noise", "demo_generic_captions"):
+        value = getattr(d, key)
+        _check(0 <= value <= 1, source, f"data.{key}", f"must lie in [0, 1], got {value}")
+    _check(
+        d.demo_caption_noise + d.demo_generic_captions <= 1,
+        source,
+        "data.demo_generic_captions",
+        f"data.demo_caption_noise + data.demo_generic_captions must be <= 1, got "
+        f"{d.demo_caption_noise} + {d.demo_generic_captions}",
     )
     lo = cfg.loss
     _one_of(lo.gamma_schedule, ("constant", "cosine"), source, "loss.gamma_schedule")

@@ -23,9 +23,13 @@ def class_text_embeddings(per_template: torch.Tensor) -> torch.Tensor:
     return F.normalize(F.normalize(per_template.float(), dim=-1).mean(dim=1), dim=-1)
 
 
+def zero_shot_predictions(image_emb: torch.Tensor, class_emb: torch.Tensor) -> torch.Tensor:
+    """[N] index of the class whose text embedding is closest to each image."""
+    return (F.normalize(image_emb.float(), dim=-1) @ class_emb.float().t()).argmax(dim=-1)
+
+
 def zero_shot_correct(image_emb: torch.Tensor, class_emb: torch.Tensor, labels: torch.Tensor) -> int:
-    logits = F.normalize(image_emb.float(), dim=-1) @ class_emb.float().t()
-    return int((logits.argmax(dim=-1) == labels).sum())
+    return int((zero_shot_predictions(image_emb, class_emb) == labels).sum())
 
 
 def recall_at_k(

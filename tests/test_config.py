@@ -62,6 +62,8 @@ def test_overrides_apply_with_types():
         ("run.task=lm", "loss.name"),
         ("train.warmup_steps=-1", "train.warmup_steps"),
         ("train.betas=[0.9]", "train.betas"),
+        ("data.demo_class_zipf=-1", "data.demo_class_zipf"),
+        ("data.demo_caption_noise=1.5", "data.demo_caption_noise"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -403,6 +403,86 @@ def test_demo_captions_match_labels_and_tokenizer_knows_words(clip_root: Path, c
     assert (caption_tokenizer.pad_token_id, caption_tokenizer.eos_token_id) == (0, 3)
 
 
+def _split_samples(split_dir: Path) -> list[dict[str, str]]:
+    samples: dict[str, dict[str, str]] = {}
+    for shard in read_manifest(split_dir).shards:
+        with tarfile.open(shard.path) as tar:
+            for member in tar.getmembers():
+                key, _, field = member.name.partition(".")
+                if field != "png":
+                    samples.setdefault(key, {})[field] = tar.extractfile(member).read().decode("utf-8")
+    return [samples[k] for k in sorted(samples)]
+
+
+def test_long_tailed_demo_records_frequency_noise_and_a_balanced_eval(tmp_path: Path) -> None:
+    from dist_tempnet.commands import cli
+    from dist_tempnet.data.demo_clip import COLOR_NAMES, SHAPES, class_shares
+
+    out = tmp_path / "lt"
+    argv = [
+        "make-shards",
+        "--out",
+        str(out),
+        "--num-train",
+        "720",
+        "--num-eval",
+        "72",
+        "--image-size",
+        "8",
+        "--class-zipf",
+        "1.0",
+        "--caption-noise",
+        "0.2",
+        "--generic-captions",
+        "0.3",
+        "--seed",
+        "3",
+    ]
+    assert cli.main(argv) == 0
+    train_meta = read_manifest(out / "train").metadata
+    counts, freq = train_meta["class_counts"], train_meta["class_frequency"]
+    # Zipf quotas over a seeded class ranking: the head class ~ 720 / H_36 = 172.5 samples, the tail ~ 4.8.
+    expected = class_shares(1.0, 3) * 720
+    assert sum(counts) == 720 and np.all(np.abs(np.asarray(counts) - expected) < 1)
+    assert max(counts) in (172, 173) and min(counts) in (4, 5)
+    assert read_manifest(out / "eval").metadata["class_frequency"] == freq  # the eval split knows it too
+
+    train = _split_samples(out / "train")
+    kinds = [s["caption_kind"] for s in train]
+    assert 0.15 < kinds.count("wrong") / 720 < 0.25 and 0.25 < kinds.count("generic") / 720 < 0.35
+    for sample in train:
+        label = int(sample["cls"])
+        assert float(sample["freq"]) == pytest.approx(freq[label], rel=1e-5)
+        color, shape = CLASS_NAMES[label].split()
+        named = [w for w in sample["txt"].replace(",", " ").split() if w in COLOR_NAMES or w in SHAPES]
+        if sample["caption_kind"] == "exact":
+            assert color in named and shape in named
+        elif sample["caption_kind"] == "generic":  # one attribute, and that one right
+            assert len(named) == 1 and named[0] in (color, shape)
+        else:  # another class, described as precisely
+            assert len(named) == 2 and set(named) != {color, shape}
+    eval_labels = [int(s["cls"]) for s in _split_samples(out / "eval")]
+    assert np.bincount(eval_labels, minlength=36).tolist() == [2] * 36
+    assert {s["caption_kind"] for s in _split_samples(out / "eval")} == {"exact"}
+    tokenizer = load_text_tokenizer(out / "tokenizer.json")
+    for sample in train:
+        assert tokenizer.unk_token_id not in tokenizer(sample["txt"])["input_ids"]
+
+    with pytest.raises(SystemExit, match="caption_noise \\+ generic_captions"):
+        cli.main([*argv[:-4], "--caption-noise", "0.8", "--generic-captions", "0.3", "--overwrite"])
+
+
+def test_existing_demo_data_must_match_the_long_tail_asked_for(tmp_path: Path) -> None:
+    from dist_tempnet.config import ConfigError, load_config
+    from dist_tempnet.data.prepare import prepare_data
+
+    path = tmp_path / "demo"
+    make_demo_clip_dataset(path, num_train=36, num_eval=36, image_size=8, class_zipf=1.0)
+    prepare_data(load_config(None, [f"data.path={path}", "data.demo_class_zipf=1.0"]))  # same: reused
+    with pytest.raises(ConfigError, match="data.path: .*class_zipf=1.0.*class_zipf=0.0"):
+        prepare_data(load_config(None, [f"data.path={path}"]))
+
+
 # ------------------------------------------------------------------------------------- token shards
 
 

@@ -22,6 +22,7 @@ LAYERS = {
     "tempnet": 1,
     "dro_state": 1,
     "metrics": 1,
+    "tau_stats": 1,
     "data": 2,
     "models": 2,
     "losses": 2,
@@ -35,7 +36,7 @@ LAYERS = {
 }
 # Third-party packages the lower layers must never import (a bare GPU box has none of them).
 HEAVY = {"ray", "mlflow", "deepspeed"}
-TORCH_ONLY = {"comm", "tempnet", "dro_state", "metrics", "models", "losses", "config"}
+TORCH_ONLY = {"comm", "tempnet", "dro_state", "metrics", "tau_stats", "models", "losses", "config"}
 
 
 def _modules() -> list[Path]:

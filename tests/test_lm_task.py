@@ -117,3 +117,34 @@ def test_data_parallel_step_equals_single_process(text_data, tmp_path, stage):
     for name, value in one[0].items():
         torch.testing.assert_close(two[0][name], value, rtol=2e-4, atol=2e-6, msg=name)
         torch.testing.assert_close(two[1][name], value, rtol=2e-4, atol=2e-6, msg=name)
+
+
+def _tau_metrics_worker(rank: int, world: int, data: str, tmp: str):
+    cfg = load_config(
+        REPO / "configs" / "lm_tiny_scratch.yaml",
+        [
+            f"data.path={data}",
+            "data.seq_len=32",
+            "ray.num_workers=1",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "train.steps=2",
+            "train.log_every=1",
+            "deepspeed.zero_stage=2",
+            "eval.max_batches=2",
+            "mlflow.enabled=false",
+        ],
+    )
+    trainer = _trainer(cfg, tmp)
+    return trainer.fit()
+
+
+@pytest.mark.multiproc
+def test_tau_spread_and_correlations_are_logged(text_data, tmp_path):
+    """Per-step τ spread and bound shares; held-out τ against predictive entropy and token frequency."""
+    final = run_distributed(_tau_metrics_worker, 1, str(text_data), str(tmp_path), timeout=300)[0]
+    for key in ("tau/p10", "tau/p50", "tau/p90", "tau/at_min", "tau/at_max", "eval/tau_p50"):
+        assert key in final, key
+    assert final["tau/p10"] <= final["tau/p50"] <= final["tau/p90"]
+    for key in ("eval/tau_entropy_spearman", "eval/tau_freq_spearman"):
+        assert -1.0 <= final[key] <= 1.0, key

@@ -87,6 +87,9 @@ def _make(args: argparse.Namespace) -> Path | None:
             image_size=args.image_size or 32,
             seed=args.seed,
             overwrite=args.overwrite,
+            class_zipf=args.class_zipf,
+            caption_noise=args.caption_noise,
+            generic_captions=args.generic_captions,
         )
     return out
 
@@ -152,5 +155,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--image-size", type=int, default=None, help="demo: 32; --pairs: default keeps the original size"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-zipf", type=float, default=0.0, help="long-tailed demo: class share ∝ rank^-S")
+    p.add_argument("--caption-noise", type=float, default=0.0, help="share of wrong-class captions")
+    p.add_argument("--generic-captions", type=float, default=0.0, help="share naming only color or shape")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_make_shards)

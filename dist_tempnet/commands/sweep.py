@@ -38,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", "-o", type=Path, default=None, help="also write the comparison tables and plots here"
     )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failed grid point")
+    p.add_argument("--no-ray", action="store_true", help="train every point in this process (one rank)")
     p.add_argument("--dry-run", action="store_true", help="validate and list the grid points, run nothing")
     p.set_defaults(fn=cmd_sweep)
 
@@ -48,6 +49,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for point, cfg in zip(plan.points, plan.configs):
             print(f"{point.index:3d}  {point.label}  (run.name={cfg.run.name})")
         return 0
-    _, results = run_sweep(plan, fail_fast=args.fail_fast, out=args.out)
+    _, results = run_sweep(plan, fail_fast=args.fail_fast, out=args.out, use_ray=not args.no_ray)
     failed = [r for r in results if r.error]
     return 1 if failed or len(results) < len(plan.points) else 0

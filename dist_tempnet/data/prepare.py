@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from dist_tempnet.config import Config
+from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.sources import is_remote
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ def prepare_data(cfg: Config) -> None:
         return
     path = Path(source) if local_dir else None
     if path is not None and (path / cfg.data.train_split / "dataset.json").is_file():
+        if cfg.data.demo and cfg.run.task == "clip":
+            _check_demo_long_tail(cfg, path / cfg.data.train_split)
         return
     # An index, a dataset.json, or shards written elsewhere (read from their _stats.json files): a
     # bad source fails here, with a message saying what to do, instead of in every worker.
@@ -55,9 +57,23 @@ def _build_demo(cfg: Config, path: Path) -> None:
             num_eval=cfg.data.demo_num_eval,
             image_size=cfg.data.image_size,
             seed=cfg.run.seed,
+            class_zipf=cfg.data.demo_class_zipf,
+            caption_noise=cfg.data.demo_caption_noise,
+            generic_captions=cfg.data.demo_generic_captions,
         )
     else:
         make_demo_text_dataset(path, seq_len=cfg.data.seq_len, seed=cfg.run.seed)
+
+
+def _check_demo_long_tail(cfg: Config, split_dir: Path) -> None:
+    """Existing demo data must be the long-tailed variant the config asks for, not silently another."""
+    from dist_tempnet.data.demo_clip import LongTail, check_long_tail
+
+    d = cfg.data
+    try:
+        check_long_tail(split_dir, LongTail(d.demo_class_zipf, d.demo_caption_noise, d.demo_generic_captions))
+    except ValueError as exc:
+        raise ConfigError(f"data.path: {exc}") from exc
 
 
 def absolutize_paths(cfg: Config) -> None:

@@ -206,11 +206,25 @@ def encode_image(image: Any) -> tuple[str, bytes, tuple[int, int]]:
     return "png", encode_png(image), (image.shape[0], image.shape[1])
 
 
-def _unpack_image_text(sample: Any) -> tuple[Any, str, int | None]:
+_RESERVED_FIELDS = {"image", "caption", "label", "id", "txt", "cls", "png", "jpg", "jpeg"}
+_EXTRA_FIELD = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def _unpack_image_text(sample: Any) -> tuple[Any, str, int | None, dict[str, bytes]]:
+    """(image, caption, label, extra text fields); a dict's other keys become extra fields."""
     if isinstance(sample, Mapping):
-        return sample["image"], sample["caption"], sample.get("label")
+        extra = {}
+        for key, value in sample.items():
+            if key in _RESERVED_FIELDS:
+                continue
+            if not _EXTRA_FIELD.match(str(key)):
+                raise ValueError(
+                    f"extra sample field {key!r} must match {_EXTRA_FIELD.pattern} (it names a file)"
+                )
+            extra[key] = str(value).encode("utf-8")
+        return sample["image"], sample["caption"], sample.get("label"), extra
     if isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
-        return sample[0], sample[1], (sample[2] if len(sample) == 3 else None)
+        return sample[0], sample[1], (sample[2] if len(sample) == 3 else None), {}
     raise TypeError(
         "each sample must be (image, caption), (image, caption, label) or a dict with "
         f"'image', 'caption' and optional 'label'; got {type(sample).__name__}"
@@ -230,6 +244,9 @@ def write_image_text_shards(
 ) -> Path:
     """Write (image, caption[, label]) samples as ``out_dir/<split>/`` shards; returns the manifest path.
 
+    A sample given as a dict may carry more keys (lower-case names): each is stored as a UTF-8 text
+    field of that name (e.g. ``freq`` of the long-tailed demo).
+
     ``metadata`` is stored in the manifest (e.g. ``class_names``, ``prompt_templates``, ``tokenizer``
     as a path relative to the split directory). ``image_size`` is filled in when every image is
     square and of one size, else set to null (readers must then be given an image size).
@@ -239,7 +256,7 @@ def write_image_text_shards(
         out_dir, split, "image_text", samples_per_shard, first_id=first_id, overwrite=overwrite
     ) as writer:
         for sample in progress(samples, total, f"writing {split} shards"):
-            image, caption, label = _unpack_image_text(sample)
+            image, caption, label, extra = _unpack_image_text(sample)
             if not isinstance(caption, str):
                 raise TypeError(f"caption must be a str, got {type(caption).__name__}")
             field, data, size = encode_image(image)
@@ -247,7 +264,7 @@ def write_image_text_shards(
             fields = {field: data, "txt": caption.encode("utf-8")}
             if label is not None:
                 fields["cls"] = str(int(label)).encode("ascii")
-            writer.add(fields)
+            writer.add(fields | extra)
         square_sizes = {h for h, w in sizes if h == w}
         image_size = square_sizes.pop() if len(sizes) == 1 and len(square_sizes) == 1 else None
         return writer.finish({"image_size": image_size, **(metadata or {})})

@@ -194,14 +194,18 @@ class PointResult:
     seconds: float = 0.0
 
 
-def run_point(cfg: Config, point: GridPoint, parent_id: str, total: int) -> PointResult:
+def run_point(cfg: Config, point: GridPoint, parent_id: str, total: int, use_ray: bool = True) -> PointResult:
+    """One grid point; `use_ray=False` trains in this process (one rank), like `train --no-ray`."""
     from dist_tempnet.driver.launcher import run_training
+
+    if not use_ray:
+        cfg.ray.num_workers = 1
 
     cfg.mlflow.tags = {**cfg.mlflow.tags, "mlflow.parentRunId": parent_id, POINT_TAG: point.label}
     print(f"\n[dist-tempnet sweep] point {point.index + 1}/{total}: {point.label}", flush=True)
     t0 = time.perf_counter()
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, use_ray=use_ray)
     except KeyboardInterrupt:
         raise
     except Exception as exc:  # noqa: BLE001 - one failed point must not cancel the rest of the grid
@@ -243,9 +247,12 @@ def _stop_ray() -> None:
 
 
 def run_sweep(
-    plan: SweepPlan, fail_fast: bool = False, out: Path | None = None
+    plan: SweepPlan, fail_fast: bool = False, out: Path | None = None, use_ray: bool = True
 ) -> tuple[str, list[PointResult]]:
-    """Run every grid point in order; returns (parent run id, per-point results)."""
+    """Run every grid point in order; returns (parent run id, per-point results).
+
+    `use_ray=False`: every point trains in this process, one rank (fast for tiny CPU grids).
+    """
     from mlflow.tracking import MlflowClient
 
     from dist_tempnet.runtime.tracking import resolve_tracking_uri
@@ -264,7 +271,7 @@ def run_sweep(
     ray_was_up = _ray_is_up()
     try:
         for cfg, point in zip(plan.configs, plan.points):
-            results.append(run_point(cfg, point, parent_id, len(plan.points)))
+            results.append(run_point(cfg, point, parent_id, len(plan.points), use_ray=use_ray))
             if fail_fast and results[-1].error:
                 break
         status = (

@@ -85,6 +85,7 @@ def _metric(key: str) -> Callable[[RunRecord], float | None]:
 _EVAL_COLUMNS = [
     ("zero_shot_acc", "zs_acc", ".4f"),
     ("zero_shot_chance", "zs_chance", ".4f"),
+    ("zero_shot_acc_tail", "zs_tail", ".4f"),  # rarest third of the classes (long-tailed data)
     ("i2t_recall@1", "i2t@1", ".4f"),
     ("i2t_recall@5", "i2t@5", ".4f"),
     ("i2t_recall@10", "i2t@10", ".4f"),
@@ -94,6 +95,10 @@ _EVAL_COLUMNS = [
     ("ppl", "ppl", ".3f"),
     ("ppl_tempnet", "ppl_tempnet", ".3f"),
     ("token_acc", "tok_acc", ".4f"),
+    # Spearman's correlation of held-out τ with class frequency (CLIP) or predictive entropy (LM).
+    ("tau_freq_spearman_image", "rho_tau_freq_img", ".3f"),
+    ("tau_freq_spearman_text", "rho_tau_freq_txt", ".3f"),
+    ("tau_entropy_spearman", "rho_tau_entropy", ".3f"),
 ]
 
 COLUMNS: list[Column] = [
@@ -149,6 +154,14 @@ COLUMNS: list[Column] = [
         "tau_max",
         ".4g",
         lambda r: _tau_extreme(r, ("tau/max", "tau/image_max", "tau/text_max"), max),
+        aggregate=True,
+    ),
+    Column(  # the last trained samples' τ vs their class frequency: iSogCLR's τ has no held-out value
+        "train_tau_freq_spearman",
+        "rho_tau_freq_train",
+        ".3f",
+        _metric("train_tau/freq_spearman_image"),
+        always=False,
         aggregate=True,
     ),
 ]

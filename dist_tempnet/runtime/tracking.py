@@ -476,25 +476,54 @@ class Tracker:
         return f"MLflow ({self.tracking_uri}) did not record everything: " + "; ".join(parts) if parts else ""
 
 
+def histogram_range(values: Any) -> tuple[float, float]:
+    """The x range of a histogram of `values`, never narrower than float resolution allows.
+
+    numpy refuses 50 bins over a range of a few ulps ("Too many bins for data range"), which is
+    exactly what a collapsed τ looks like; such values are shown as one spike in a readable window.
+    """
+    import numpy as np
+
+    data = np.asarray(values, dtype=np.float64)
+    data = data[np.isfinite(data)]
+    if data.size == 0:
+        return 0.0, 1.0
+    low, high = float(data.min()), float(data.max())
+    centre = 0.5 * (low + high)
+    half = max(0.5 * (high - low), 1e-3 * abs(centre), 1e-12)
+    return centre - half, centre + half
+
+
 def log_tau_histogram(tracker: Tracker, taus: dict[str, Any], xlabel: str, ylabel: str) -> None:
-    """Log a histogram of τ values (one series per label) as `tau_histogram.png`."""
+    """Log a histogram of τ values (one series per label) as `tau_histogram.png`.
+
+    Best-effort, like all tracking: a plotting problem is logged as a warning, never raised.
+    """
     if not tracker.enabled or not taus:
         return
-    import matplotlib
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, tau in taus.items():
-        ax.hist(tau.numpy(), bins=50, alpha=0.6, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if len(taus) > 1:
-        ax.legend()
-    fig.tight_layout()
-    tracker.log_figure(fig, "tau_histogram.png")
-    plt.close(fig)
+        values = {label: np.asarray(tau, dtype=np.float64).ravel() for label, tau in taus.items()}
+        span = histogram_range(np.concatenate(list(values.values())))
+        fig, ax = plt.subplots(figsize=(6, 4))
+        try:
+            for label, data in values.items():
+                ax.hist(data[np.isfinite(data)], bins=50, range=span, alpha=0.6, label=label)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            if len(values) > 1:
+                ax.legend()
+            fig.tight_layout()
+            tracker.log_figure(fig, "tau_histogram.png")
+        finally:
+            plt.close(fig)
+    except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+        logger.warning("τ histogram not logged (%s: %s); the run is unaffected", type(exc).__name__, exc)
 
 
 def run_tags(cfg: Config, world_size: int) -> dict[str, str]:

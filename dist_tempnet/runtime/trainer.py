@@ -37,6 +37,7 @@ from dist_tempnet.runtime.nonfinite import any_rank, poisoned, skip_optimizer_st
 from dist_tempnet.runtime.spec import WorkerSpec
 from dist_tempnet.runtime.tracking import Tracker, log_tau_histogram, spool_path
 from dist_tempnet.tasks import build_task
+from dist_tempnet.tau_stats import TauHealth
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,11 @@ class Trainer:
         self.consecutive_nonfinite = 0
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
+        prefixes = self.task.tau_prefixes()
+        lo = cfg.loss
+        self.tau_health = (
+            TauHealth(prefixes, lo.tau_min, lo.tau_max, cfg.train.warmup_steps) if prefixes else None
+        )
         self._warned_data = False
         # The checkpoint to continue from decides how the engine is built (universal loading after
         # a change of world size), so it is found first and stays readable until it is loaded.
@@ -300,6 +306,8 @@ class Trainer:
                 continue
             window_units += metrics.pop("units")
             steps_in_window += 1
+            if self.tau_health and self.step == start_step + 1:
+                self.tau_health.start(metrics)
             if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                 now = time.perf_counter()
                 elapsed_window = now - window_t
@@ -313,6 +321,7 @@ class Trainer:
                 logged.update(self._data_metrics())
                 self.tracker.log_metrics(logged, self.step)
                 progress.show(self.step, logged, now - t_start, self.step - start_step)
+                self._check_tau_health(logged)
                 self.last_metrics = logged
                 window_t, window_units, steps_in_window = now, 0, 0
             if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < cfg.train.steps:
@@ -323,10 +332,25 @@ class Trainer:
         final.update(self._evaluate())
         final["train_time_s"] = time.perf_counter() - t_start
         self.tracker.log_metrics({"train_time_s": final["train_time_s"]}, self.step)
-        log_tau_histogram(self.tracker, *self.task.tau_samples())
+        self._log_tau_histogram()
         self._checkpoint(final=True, metrics=final)
         self.tracker.flush(force=True)
         return final
+
+    def _check_tau_health(self, metrics: dict[str, float]) -> None:
+        """Warn (log + MLflow tag) when per-sample τ has not moved after warm-up or sits on a bound."""
+        if self.tau_health is None or self.rank != 0:
+            return
+        for message in self.tau_health.check(self.step, metrics):
+            logger.warning(message)
+            self.tracker.set_tags({"tau_health": message[:5000]})
+
+    def _log_tau_histogram(self) -> None:
+        # Best-effort: the run has finished training; a plot must not turn it into a failure.
+        try:
+            log_tau_histogram(self.tracker, *self.task.tau_samples())
+        except Exception as exc:  # noqa: BLE001
+            logger.warning(f"τ histogram not logged ({type(exc).__name__}: {exc})")
 
     def _note_training_resumed(self) -> None:
         # For the kill → resumed measurement: the first optimizer step after a resume is done.

@@ -116,6 +116,11 @@ class Task:
         """τ values for the end-of-run histogram: ({label: values}, x label, y label)."""
         return {}, "", ""
 
+    def tau_prefixes(self) -> list[str]:
+        """Logged series of per-sample τ in [loss.tau_min, loss.tau_max] whose health the loop watches:
+        each prefix P has metrics P_p10, P_p50, P_p90, P_at_min, P_at_max (tau_stats.spread_metrics)."""
+        return []
+
     # -- what each task implements -----------------------------------------------------------------
 
     def param_groups(self) -> list[ParamGroup]:

@@ -21,11 +21,24 @@ from dist_tempnet.metrics import (
     gather_rows,
     lockstep,
     retrieval_metrics,
-    zero_shot_correct,
+    zero_shot_predictions,
 )
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
 from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
 from dist_tempnet.tasks.clip_benchmarks import BenchmarkContext, run_benchmarks
+from dist_tempnet.tau_stats import (
+    RecentSamples,
+    accuracy_on_classes,
+    rarest_classes,
+    spearman,
+    spread_metrics,
+    spread_tensors,
+)
+
+# How many of the most recently trained samples (per rank) τ is related to class frequency over.
+RECENT_TAU_SAMPLES = 4096
+# Losses whose τ is per sample, in [loss.tau_min, loss.tau_max] (InfoNCE and SogCLR have one global τ).
+PER_SAMPLE_TAU = ("isogclr", "isogclr_tempnet")
 
 
 class CLIPTrainModule(nn.Module):
@@ -110,6 +123,10 @@ class CLIPTask(Task):
         )
         self.module = CLIPTrainModule(clip, self.loss_fn)
         self._last_eval_tau: dict[str, torch.Tensor] = {}
+        # Per class share of the training split, when the data says (the long-tailed demo does).
+        frequency = self.train_manifest.metadata.get("class_frequency")
+        self.class_frequency = torch.tensor(frequency, dtype=torch.float64) if frequency else None
+        self._recent = RecentSamples(RECENT_TAU_SAMPLES)
 
     # -- the task contract (tasks.base.Task) ----------------------------------------------------
 
@@ -155,7 +172,13 @@ class CLIPTask(Task):
         loss, image_tau, text_tau = engine(
             batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["sample_ids"]
         )
-        return StepResult(loss, clip_step_metrics(loss, image_tau, text_tau, engine.module.last_stats))
+        if "labels" in batch:  # data with classes (the demo sets): τ vs class frequency at eval
+            self._recent.add(image=image_tau, text=text_tau, label=batch["labels"])
+        metrics = clip_step_metrics(loss, image_tau, text_tau, engine.module.last_stats)
+        lo = self.cfg.loss
+        for prefix, tau in zip(self.tau_prefixes(), (image_tau, text_tau)):
+            metrics.update(spread_tensors(tau, prefix, lo.tau_min, lo.tau_max))
+        return StepResult(loss, metrics)
 
     def state(self) -> dict[str, Any]:
         """This rank's part of a checkpoint: exact data position and DRO state shard."""
@@ -241,22 +264,62 @@ class CLIPTask(Task):
         results = retrieval_metrics(img_all, txt_all)
         results = {f"eval/{k}": v for k, v in results.items()}
         meta = manifest.metadata
+        lab_all = gather_rows(torch.cat(labels)) if labels else None
         if self.cfg.eval.zero_shot and labels and meta.get("class_names") and meta.get("prompt_templates"):
-            lab_all = gather_rows(torch.cat(labels))
-            results["eval/zero_shot_acc"] = self._zero_shot(module, img_all, lab_all, meta)
+            correct = self._zero_shot(module, img_all, lab_all, meta)
+            results["eval/zero_shot_acc"] = float(correct.double().mean())
             results["eval/zero_shot_chance"] = 1.0 / len(meta["class_names"])
+            if self._long_tailed():
+                # Rarest / most frequent third of the classes by their share of the training split.
+                freq = self.class_frequency
+                results["eval/zero_shot_acc_tail"] = accuracy_on_classes(
+                    correct, lab_all, rarest_classes(freq)
+                )
+                results["eval/zero_shot_acc_head"] = accuracy_on_classes(
+                    correct, lab_all, rarest_classes(-freq)
+                )
         self._last_eval_tau = self._eval_tau(module, img_all, txt_all)
-        return results
+        results |= self._tau_frequency_metrics(lab_all)
+        return {k: v for k, v in results.items() if v == v}  # NaN: undefined here (e.g. constant τ)
+
+    def _long_tailed(self) -> bool:
+        freq = self.class_frequency
+        return freq is not None and bool(freq.max() > freq.min())
+
+    def _tau_frequency_metrics(self, eval_labels: torch.Tensor | None) -> dict[str, float]:
+        """τ spread of the held-out split (TempNet) and of the last trained samples (any per-sample τ),
+        and Spearman's correlation of τ with the sample's class frequency when the data has one."""
+        lo, out = self.cfg.loss, {}
+        for side, tau in self._last_eval_tau.items():
+            out |= {
+                f"eval/{k}": v for k, v in spread_metrics(tau, f"tau_{side}", lo.tau_min, lo.tau_max).items()
+            }
+            if self._long_tailed() and eval_labels is not None:
+                freq = self.class_frequency[eval_labels.cpu()]
+                out[f"eval/tau_freq_spearman_{side}"] = spearman(tau, freq)
+        if not len(self._recent):
+            return out
+        recent = {name: gather_rows(col.to(self.device)).cpu() for name, col in self._recent.columns.items()}
+        per_sample = lo.name in PER_SAMPLE_TAU
+        for side in ("image", "text"):
+            if per_sample:
+                out |= {f"train_tau/{k}": v for k, v in spread_metrics(recent[side], side).items()}
+            labeled = recent["label"] >= 0
+            if per_sample and self._long_tailed() and labeled.any():
+                freq = self.class_frequency[recent["label"][labeled].long()]
+                out[f"train_tau/freq_spearman_{side}"] = spearman(recent[side][labeled], freq)
+        return out
 
     def _zero_shot(
         self, module: CLIPTrainModule, img_all: torch.Tensor, labels: torch.Tensor, meta: dict[str, Any]
-    ) -> float:
+    ) -> torch.Tensor:
+        """[N] bool: is each held-out image's nearest class prompt its own class?"""
         classes, templates = meta["class_names"], meta["prompt_templates"]
         prompts = [t.format(c) for c in classes for t in templates]
         enc = tokenize(self.tokenizer, prompts, self.cfg.data.max_text_len, self.device)
         _, txt = module.embed(None, enc["input_ids"], enc["attention_mask"])
         class_emb = class_text_embeddings(txt.view(len(classes), len(templates), -1))
-        return zero_shot_correct(img_all, class_emb, labels.to(img_all.device)) / max(1, labels.numel())
+        return zero_shot_predictions(img_all, class_emb).cpu() == labels.cpu()
 
     def _eval_tau(
         self, module: CLIPTrainModule, img: torch.Tensor, txt: torch.Tensor
@@ -268,6 +331,9 @@ class CLIPTask(Task):
             if isinstance(tempnet, nn.Module):
                 out[side] = tempnet(feats).float().cpu()  # TempNet computes in fp32 itself
         return out
+
+    def tau_prefixes(self) -> list[str]:
+        return ["tau/image", "tau/text"] if self.cfg.loss.name in PER_SAMPLE_TAU else []
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {f"{side} τ": tau for side, tau in self._last_eval_tau.items()}

@@ -16,10 +16,14 @@ from dist_tempnet import comm
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
-from dist_tempnet.metrics import lockstep, perplexity
+from dist_tempnet.metrics import gather_rows, lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
 from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
+from dist_tempnet.tau_stats import spearman, spread_metrics, spread_tensors
 from dist_tempnet.tempnet import LMTempNet
+
+# Held-out tokens (per rank) whose τ is related to predictive entropy and token frequency.
+MAX_TAU_TOKENS = 65536
 
 
 def head_weight(lm: nn.Module) -> torch.Tensor:
@@ -98,13 +102,15 @@ class LMTrainModule(nn.Module):
         return out.loss, out.tau
 
     @torch.no_grad()
-    def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def eval_sums(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = final_hidden(self.lm, input_ids)
         weight = head_weight(self.lm)
         tau = None
         if self.tempnet is not None:
             tau = tempnet_tau_from_hidden(hidden.reshape(-1, hidden.shape[-1]), weight, self.tempnet)
-        return token_eval_sums(hidden, weight, labels, tau, self.chunk_size)
+        per_token: list[torch.Tensor] = []
+        sums = token_eval_sums(hidden, weight, labels, tau, self.chunk_size, per_token=per_token)
+        return sums, torch.cat(per_token) if per_token else sums.new_zeros(0, 3)
 
 
 @torch.no_grad()
@@ -115,8 +121,13 @@ def token_eval_sums(
     tau: torch.Tensor | None,
     chunk_size: int,
     ignore_index: int = -100,
+    per_token: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """[nll at τ=1, nll at τ (TempNet), correct top-1, valid tokens] summed over tokens, chunked."""
+    """[nll at τ=1, nll at τ (TempNet), correct top-1, valid tokens] summed over tokens, chunked.
+
+    With TempNet and a `per_token` list, appends [valid tokens, 3] rows (τ, predictive entropy of
+    softmax(z) at τ = 1, target id) per chunk: what τ is related to at evaluation.
+    """
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     sums = torch.zeros(4, dtype=torch.float64, device=h.device)
@@ -132,6 +143,11 @@ def token_eval_sums(
         sums[1] += torch.nn.functional.cross_entropy(scaled, target, reduction="sum").double()
         sums[2] += (logits.argmax(dim=-1) == target).sum().double()
         sums[3] += valid.sum().double()
+        if per_token is not None and tau is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            entropy = -(logp.exp() * logp).sum(dim=-1)
+            rows = [tau[sl][valid].double(), entropy.double(), target.double()]
+            per_token.append(torch.stack(rows, dim=1))
     return sums
 
 
@@ -254,6 +270,9 @@ class LMTask(Task):
         inputs, labels, scale = self._split(batch)
         loss, tau = engine(inputs, labels, scale)
         metrics, self.last_tau = lm_step_metrics(loss, tau, labels)
+        if self.last_tau is not None:
+            lo = self.cfg.loss
+            metrics.update(spread_tensors(tau, "tau", lo.tau_min, lo.tau_max, mask=self.last_tau[1]))
         return StepResult(loss, metrics)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -269,6 +288,7 @@ class LMTask(Task):
         module.eval()
         try:
             sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+            per_token, kept = [], 0
             stream = eval_batches(
                 manifest, batch_size=self.cfg.train.micro_batch_size, rank=self.rank, world_size=self.world
             )
@@ -277,10 +297,16 @@ class LMTask(Task):
                 if limit and i >= limit:  # every rank has the same limit, so lockstep holds
                     break
                 inputs, labels = inputs_and_labels(batch)
-                batch_sums = module(inputs.to(self.device), labels.to(self.device), None, eval_sums=True)
+                batch_sums, tokens = module(
+                    inputs.to(self.device), labels.to(self.device), None, eval_sums=True
+                )
                 if real:
                     sums += batch_sums
+                    if kept < MAX_TAU_TOKENS and tokens.numel():
+                        per_token.append(tokens[: MAX_TAU_TOKENS - kept].cpu())
+                        kept += per_token[-1].shape[0]
             sums = comm.all_reduce_sum(sums)
+            tau_metrics = self._tau_metrics(per_token) if module.tempnet is not None else {}
         finally:
             module.train(was_training)
         n = max(1.0, float(sums[3]))
@@ -292,7 +318,25 @@ class LMTask(Task):
         }
         if module.tempnet is not None:
             results["eval/ppl_tempnet"] = perplexity(float(sums[1]), int(sums[3]))
-        return results
+        return results | tau_metrics
+
+    def _tau_metrics(self, per_token: list[torch.Tensor]) -> dict[str, float]:
+        """Held-out τ spread and Spearman's correlation of a token's τ with the predictive entropy
+        of its logits and with its target token's frequency among the held-out tokens."""
+        rows = torch.cat(per_token) if per_token else torch.zeros(0, 3, dtype=torch.float64)
+        rows = gather_rows(rows.to(self.device)).cpu()
+        if rows.shape[0] < 2:
+            return {}
+        tau, entropy, target = rows[:, 0], rows[:, 1], rows[:, 2].long()
+        counts = torch.bincount(target).double()
+        lo = self.cfg.loss
+        out = {f"eval/{k}": v for k, v in spread_metrics(tau, "tau", lo.tau_min, lo.tau_max).items()}
+        out["eval/tau_entropy_spearman"] = spearman(tau, entropy)
+        out["eval/tau_freq_spearman"] = spearman(tau, counts[target])
+        return {k: v for k, v in out.items() if v == v}  # NaN: undefined (constant τ)
+
+    def tau_prefixes(self) -> list[str]:
+        return ["tau"] if self.module.tempnet is not None else []
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {}
