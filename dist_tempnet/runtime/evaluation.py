@@ -1,11 +1,9 @@
-"""`dist-tempnet eval --checkpoint DIR`: evaluate a training checkpoint in this process.
+"""Evaluating a training checkpoint or an exported model in this process (`dist-tempnet eval`).
 
-The checkpoint's `meta.json` carries the resolved training config, so the task (CLIP or LM) is
-rebuilt exactly as trained; only the weights are loaded (no optimizer state, no DRO state). The
-evaluation is the task's own (`task.evaluate(engine)`): zero-shot accuracy and image↔text
-recall@1/5/10 for CLIP, perplexity and token accuracy for LMs. `--data` evaluates on other shards
-with the training tokenizer; `--log-to-mlflow` logs the numbers to the training run (its id is in
-meta.json) or to a new run linked to it by tag.
+The checkpoint's `meta.json` carries the resolved training config, so the task is rebuilt exactly as
+trained and only the weights are loaded (no optimizer or DRO state); the metrics are the task's own
+evaluation, plus the standard CLIP benchmarks or lm-evaluation-harness when asked for. Results can
+be logged to the training's MLflow run or to a new run linked to it by tag.
 """
 
 from __future__ import annotations
