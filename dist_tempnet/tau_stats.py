@@ -161,7 +161,7 @@ class TauHealth:
     def start(self, metrics: dict[str, float]) -> None:
         for prefix in self.prefixes:
             if f"{prefix}_p50" in metrics and prefix not in self.initial:
-                self.initial[prefix] = metrics[f"{prefix}_p50"]
+                self.initial[prefix] = float(metrics[f"{prefix}_p50"])  # once: a device tensor in training
 
     def check(self, step: int, metrics: dict[str, float]) -> list[str]:
         if step <= self.warmup_steps:
