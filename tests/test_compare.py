@@ -362,7 +362,7 @@ def test_each_point_gets_its_own_run_name():
     ]
 
 
-def _stub_training(cfg):
+def _stub_training(cfg, use_ray: bool = True):
     """Stands in for launcher.run_training: a real MLflow run with metrics, no model."""
     from dist_tempnet.driver.launcher import RunSummary
     from dist_tempnet.runtime.tracking import Tracker, start_run
