@@ -108,7 +108,8 @@ def iter_raw_samples(
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"shard {shard.url} vanished before reading ({_describe(exc)})") from exc
     seen = 0
-    problems_before = skips.count
+    # A truncated shard is one lost shard even when its cut also broke a sample (reported on its own).
+    shards_before = skips.shards
     # Imported here: the training worker and benchmarks import this module on GPU boxes without
     # webdataset (only reading shards needs it).
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -139,7 +140,7 @@ def iter_raw_samples(
             yield raw
     finally:
         _close(handle, shard.url, skips)
-    if skips.count == problems_before and seen != shard.num_samples:
+    if skips.shards == shards_before and seen != shard.num_samples:
         skips.corrupt(
             f"{shard.url}: holds {seen} samples, but the manifest says {shard.num_samples} "
             "(truncated or replaced shard?)",
