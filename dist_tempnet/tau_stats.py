@@ -32,6 +32,11 @@ def bound_shares(tau: torch.Tensor, tau_min: float, tau_max: float) -> tuple[flo
     return float((flat <= tau_min + slack).double().mean()), float((flat >= tau_max - slack).double().mean())
 
 
+def stat_key(prefix: str, stat: str) -> str:
+    """`tau/image` + `p10` → `tau/image_p10`; a prefix ending in `/` (the LM's `tau/`) → `tau/p10`."""
+    return f"{prefix}{stat}" if prefix.endswith("/") else f"{prefix}_{stat}"
+
+
 def spread_tensors(
     tau: torch.Tensor,
     prefix: str,
@@ -46,17 +51,17 @@ def spread_tensors(
     if flat.numel() == 0:
         nan = flat.new_tensor(math.nan)
         keys = ["p10", "p50", "p90"] + (["at_min", "at_max"] if tau_min is not None else [])
-        return {f"{prefix}_{k}": nan for k in keys}
+        return {stat_key(prefix, k): nan for k in keys}
     counted = torch.ones_like(flat, dtype=torch.bool) if mask is None else mask.flatten()
     q = torch.nanquantile(
         torch.where(counted, flat, torch.nan), flat.new_tensor(QUANTILES), interpolation="linear"
     )
-    out = {f"{prefix}_p10": q[0], f"{prefix}_p50": q[1], f"{prefix}_p90": q[2]}
+    out = {stat_key(prefix, "p10"): q[0], stat_key(prefix, "p50"): q[1], stat_key(prefix, "p90"): q[2]}
     if tau_min is not None and tau_max is not None:
         slack = BOUND_TOLERANCE * (tau_max - tau_min)
         n = counted.sum().clamp(min=1)
-        out[f"{prefix}_at_min"] = ((flat <= tau_min + slack) & counted).sum() / n
-        out[f"{prefix}_at_max"] = ((flat >= tau_max - slack) & counted).sum() / n
+        out[stat_key(prefix, "at_min")] = ((flat <= tau_min + slack) & counted).sum() / n
+        out[stat_key(prefix, "at_max")] = ((flat >= tau_max - slack) & counted).sum() / n
     return out
 
 
@@ -160,15 +165,15 @@ class TauHealth:
 
     def start(self, metrics: dict[str, float]) -> None:
         for prefix in self.prefixes:
-            if f"{prefix}_p50" in metrics and prefix not in self.initial:
-                self.initial[prefix] = float(metrics[f"{prefix}_p50"])  # once: a device tensor in training
+            if stat_key(prefix, "p50") in metrics and prefix not in self.initial:
+                self.initial[prefix] = float(metrics[stat_key(prefix, "p50")])
 
     def check(self, step: int, metrics: dict[str, float]) -> list[str]:
         if step <= self.warmup_steps:
             return []
         out, width = [], self.tau_max - self.tau_min
         for prefix in self.prefixes:
-            p10, p50, p90 = (metrics.get(f"{prefix}_{q}") for q in ("p10", "p50", "p90"))
+            p10, p50, p90 = (metrics.get(stat_key(prefix, q)) for q in ("p10", "p50", "p90"))
             if p50 is None or p10 is None or p90 is None:
                 continue
             start = self.initial.get(prefix, p50)
@@ -182,7 +187,7 @@ class TauHealth:
                     "(check loss.tempnet_lr and loss.rho against log(global batch - 1) or log(vocab))",
                 )
             for bound, value in (("min", self.tau_min), ("max", self.tau_max)):
-                share = metrics.get(f"{prefix}_at_{bound}")
+                share = metrics.get(stat_key(prefix, f"at_{bound}"))
                 if share is not None and share >= COLLAPSED_SHARE:
                     out += self._once(
                         prefix,

@@ -118,7 +118,7 @@ class Task:
 
     def tau_prefixes(self) -> list[str]:
         """Logged series of per-sample τ in [loss.tau_min, loss.tau_max] whose health the loop watches:
-        each prefix P has metrics P_p10, P_p50, P_p90, P_at_min, P_at_max (tau_stats.spread_metrics)."""
+        each prefix P has metrics P_p10, ... P_at_max (tau_stats.stat_key: `tau/` gives tau/p10)."""
         return []
 
     # -- what each task implements -----------------------------------------------------------------

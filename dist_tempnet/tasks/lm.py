@@ -272,7 +272,7 @@ class LMTask(Task):
         metrics, self.last_tau = lm_step_metrics(loss, tau, labels)
         if self.last_tau is not None:
             lo = self.cfg.loss
-            metrics.update(spread_tensors(tau, "tau", lo.tau_min, lo.tau_max, mask=self.last_tau[1]))
+            metrics.update(spread_tensors(tau, "tau/", lo.tau_min, lo.tau_max, mask=self.last_tau[1]))
         return StepResult(loss, metrics)
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -336,7 +336,7 @@ class LMTask(Task):
         return {k: v for k, v in out.items() if v == v}  # NaN: undefined (constant τ)
 
     def tau_prefixes(self) -> list[str]:
-        return ["tau"] if self.module.tempnet is not None else []
+        return ["tau/"] if self.module.tempnet is not None else []
 
     def tau_samples(self) -> tuple[dict[str, torch.Tensor], str, str]:
         taus = {}
