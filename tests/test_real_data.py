@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import re
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -179,7 +180,7 @@ def _demo(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".jsonl"])
-def test_make_shards_from_pairs(tmp_path: Path, tokenizer, suffix: str) -> None:
+def test_make_shards_from_pairs(tmp_path: Path, tokenizer, suffix: str, capsys) -> None:
     import pandas as pd
 
     from dist_tempnet.commands.cli import main
@@ -207,10 +208,12 @@ def test_make_shards_from_pairs(tmp_path: Path, tokenizer, suffix: str) -> None:
     batch = next(iter(eval_batches(manifest, batch_size=6, tokenizer=tokenizer)))
     assert batch["pixel_values"].shape == (6, 3, 16, 16)
     assert batch["sample_ids"].tolist() == list(range(6))
-    with pytest.raises(
-        ValueError, match=r"pairs\.\w+: no column\(s\) \['image', 'caption'\]; it has \['file', 'text'\]"
-    ):
-        main(["make-shards", "--pairs", str(pairs), "--out", str(tmp_path / "other")])
+    # A wrong column is one line naming the file and the columns it has, exit 2 (no traceback).
+    assert main(["make-shards", "--pairs", str(pairs), "--out", str(tmp_path / "other")]) == 2
+    assert re.search(
+        r"pairs\.\w+: no column\(s\) \['image', 'caption'\]; it has \['file', 'text'\]",
+        capsys.readouterr().err,
+    )
 
 
 @pytest.mark.multiproc
