@@ -357,6 +357,9 @@ MEASURED_OVERRIDES = [
 
 def measure_tiny_run(overrides: list[str], vocab: int, samples: int) -> dict:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Its own world of one, never a rendezvous address inherited from the test process.
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, "-c", MEASURE, json.dumps(overrides), str(vocab), str(samples)],
         capture_output=True,

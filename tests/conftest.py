@@ -1,0 +1,18 @@
+"""Test-wide hygiene: no test may leave environment variables behind for the next one.
+
+Tests that build a Trainer in-process call `init_distributed`, which (like torchrun) fills RANK,
+WORLD_SIZE and MASTER_PORT with setdefault. Left in os.environ, that port is inherited by every later
+subprocess that starts its own world of one, long after the port was given back: EADDRINUSE.
+"""
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
