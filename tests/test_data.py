@@ -548,6 +548,25 @@ def test_token_shards_round_trip_and_heldout_by_document(tmp_path: Path, bpe_dir
     assert sorted(seen) == list(range(train.num_samples))
 
 
+@pytest.mark.parametrize("num_files", [1, 2])
+def test_few_text_files_hold_out_the_asked_share_of_tokens(tmp_path: Path, bpe_dir: Path, num_files) -> None:
+    """One or two .txt files with the default 5 %: not a whole file (50 % or an error), the last
+    5 % of each file's tokens, and the manifests say so."""
+    files = []
+    for i in range(num_files):
+        files.append(tmp_path / f"book{i}.txt")
+        files[-1].write_text(" ".join(f"w{i}x{j % 97}" for j in range(1500)))
+    out = make_token_shards(files, bpe_dir, tmp_path / "tokens", seq_len=16, heldout_fraction=0.05, seed=0)
+    train, held = read_manifest(out / "train"), read_manifest(out / "eval")
+    assert train.metadata["heldout_by"] == held.metadata["heldout_by"] == "document_tail"
+    share = held.metadata["num_tokens"] / (held.metadata["num_tokens"] + train.metadata["num_tokens"])
+    assert 0.045 < share < 0.055, share
+    tokenizer = load_text_tokenizer(train.tokenizer_path)
+    windows = torch.cat([b["input_ids"] for b in eval_batches(held, None, batch_size=8)])
+    # The held-out text is from the end of the last file: what train never sees.
+    assert f"w{num_files - 1}x" in tokenizer.decode(windows[-1])
+
+
 def test_tokenizer_dir_loads_with_transformers(bpe_dir: Path) -> None:
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 

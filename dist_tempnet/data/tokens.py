@@ -3,10 +3,12 @@
 Documents: a row of a ``.jsonl`` file, a Parquet file or a `datasets` directory (its text column,
 ``"text"`` unless told otherwise), or a whole text file (see data.corpus). Documents are assigned
 to the train or held-out (``eval``) split as a whole, by a seeded choice, so no document
-contributes to both. Within a split, documents are tokenized in order, each followed by EOS,
-concatenated, and cut into windows of ``seq_len + 1`` tokens with stride ``seq_len`` (consecutive
-windows share one token, so every token after the first is a next-token target exactly once); the
-final partial window is dropped. Chat data (data.chat) is packed the same way with a per-token
+contributes to both. With fewer documents than 1 / heldout_fraction (one or a few text files),
+whole documents cannot make that share: the last heldout_fraction of each document's tokens is
+held out instead (the manifest's ``heldout_by`` says which). Within a split, documents are
+tokenized in order, each followed by EOS, concatenated, and cut into windows of ``seq_len + 1``
+tokens with stride ``seq_len`` (consecutive windows share one token, so every token after the first
+is a next-token target exactly once); the final partial window is dropped. Chat data (data.chat) is packed the same way with a per-token
 ``mask.npy`` (1 = the loss counts this token).
 """
 
@@ -295,23 +297,46 @@ def write_token_dataset(
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if not documents:
         raise ValueError("no documents in the given inputs")
-    heldout = choose_heldout(len(documents), heldout_fraction, seed)
-    splits = {}
-    if heldout:  # written first: the small split is the one likely to be too short for a sequence
-        splits[HELDOUT_SPLIT] = [d for i, d in enumerate(documents) if i in heldout]
-    splits[TRAIN_SPLIT] = [d for i, d in enumerate(documents) if i not in heldout]
+    # split -> (documents, encoder); the held-out split first: it is the one likely to be too short.
+    splits: dict[str, tuple[list[DocumentRef], Encoder]] = {}
+    if heldout_fraction and len(documents) * heldout_fraction < 1:
+        heldout_by = "document_tail"
+        if not 0.0 < heldout_fraction < 1.0:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+        splits[HELDOUT_SPLIT] = (documents, _tail_of_each(encode, heldout_fraction, tail=True))
+        splits[TRAIN_SPLIT] = (documents, _tail_of_each(encode, heldout_fraction, tail=False))
+    else:
+        heldout_by = "document"
+        heldout = choose_heldout(len(documents), heldout_fraction, seed)
+        if heldout:
+            splits[HELDOUT_SPLIT] = ([d for i, d in enumerate(documents) if i in heldout], encode)
+        splits[TRAIN_SPLIT] = ([d for i, d in enumerate(documents) if i not in heldout], encode)
     for split in splits:  # refuse before writing anything
         if (out_dir / split / MANIFEST_NAME).exists() and not overwrite:
             raise FileExistsError(
                 f"{out_dir / split} already holds a complete dataset split; pass overwrite=True to replace it"
             )
-    extra = {"heldout_fraction": heldout_fraction, "seed": seed, **extra_metadata}
-    for split, docs in splits.items():
+    extra = {"heldout_fraction": heldout_fraction, "heldout_by": heldout_by, "seed": seed, **extra_metadata}
+    for split, (docs, split_encode) in splits.items():
         _write_split(
-            docs, encode, with_mask, tokenizer, tokenizer_ref, out_dir, split, seq_len, samples_per_shard,
-            overwrite, extra,
+            docs, split_encode, with_mask, tokenizer, tokenizer_ref, out_dir, split, seq_len,
+            samples_per_shard, overwrite, extra,
         )  # fmt: skip
     return out_dir
+
+
+def _tail_of_each(encode: Encoder, fraction: float, tail: bool) -> Encoder:
+    """The last `fraction` of every document's tokens (tail=True), or all but that (tail=False).
+
+    Each split tokenizes the documents itself (twice in all): only few documents take this path."""
+
+    def split(docs: Sequence[DocumentRef]) -> Iterator[tuple[list[int], list[int] | None]]:
+        for tokens, mask in encode(docs):
+            cut = len(tokens) - max(1, round(fraction * len(tokens)))
+            part = slice(cut, None) if tail else slice(0, cut)
+            yield tokens[part], None if mask is None else mask[part]
+
+    return split
 
 
 def make_token_shards(
