@@ -8,8 +8,8 @@ whole documents cannot make that share: the last heldout_fraction of each docume
 held out instead (the manifest's ``heldout_by`` says which). Within a split, documents are
 tokenized in order, each followed by EOS, concatenated, and cut into windows of ``seq_len + 1``
 tokens with stride ``seq_len`` (consecutive windows share one token, so every token after the first
-is a next-token target exactly once); the final partial window is dropped. Chat data (data.chat) is packed the same way with a per-token
-``mask.npy`` (1 = the loss counts this token).
+is a next-token target exactly once); the final partial window is dropped. Chat data (data.chat)
+is packed the same way with a per-token ``mask.npy`` (1 = the loss counts this token).
 """
 
 from __future__ import annotations
