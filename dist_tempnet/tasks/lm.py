@@ -58,6 +58,7 @@ class LMTrainModule(nn.Module):
         rho: float,
         chunk_size: int,
         frozen_lm: bool,
+        compiled: bool | None = None,
     ) -> None:
         super().__init__()
         self.lm = lm
@@ -66,6 +67,7 @@ class LMTrainModule(nn.Module):
         self.rho = rho
         self.chunk_size = chunk_size
         self.frozen_lm = frozen_lm
+        self.compiled = compiled  # the fused loss's chunk kernel: None = torch.compile on CUDA only
 
     def forward(
         self,
@@ -98,6 +100,7 @@ class LMTrainModule(nn.Module):
             self.rho,
             chunk_size=self.chunk_size,
             loss_scale_count=loss_scale_count,
+            compiled=self.compiled,
         )
         return out.loss, out.tau
 
@@ -214,7 +217,8 @@ class LMTask(Task):
                 tau_max=lo.tau_max,
                 dropout=lo.tempnet_dropout,
             )
-        self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
+        compiled = {"auto": None, "true": True, "false": False}[lo.compile]
+        self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen, compiled)
         self.last_tau: tuple[torch.Tensor, torch.Tensor] | None = None  # (τ, counted), on the device
 
     # -- the task contract (tasks.base.Task) -----------------------------------------------------
