@@ -451,6 +451,6 @@ def test_benchmark_tiny_runs():
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "fused/naive: memory" in proc.stdout
+    assert "fused/naive: memory" in proc.stdout and "fused/full_ce: memory" in proc.stdout
     for variant in ("naive", "fused", "chunked_ce", "full_ce"):
         assert f"\n{variant} " in proc.stdout
