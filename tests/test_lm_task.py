@@ -178,3 +178,14 @@ def test_loss_compile_setting_reaches_the_fused_loss(text_data, monkeypatch):
     loss, _ = task.module(ids[:, :-1], ids[:, 1:], None)
     loss.backward()
     assert calls and torch.isfinite(loss)
+
+
+def test_token_batches_are_pinned_for_cuda(text_data):
+    from dist_tempnet.tasks.lm import LMTask
+
+    cfg = load_config(
+        REPO / "configs" / "lm_tiny_scratch.yaml",
+        [f"data.path={text_data}", "data.seq_len=32", "loss.tempnet_hidden=16", "data.num_workers=1"],
+    )
+    assert LMTask(cfg, 0, 1, torch.device("cuda", 0))._open_stream(None).loader_kwargs()["pin_memory"]
+    assert not LMTask(cfg, 0, 1, torch.device("cpu"))._open_stream(None).loader_kwargs()["pin_memory"]
