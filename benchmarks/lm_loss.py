@@ -160,6 +160,104 @@ def run_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_bytes": memory.peak_extra_bytes(), "times": times, "first_s": first, "env": env}))
 
 
+def run_interleaved(size: tuple[int, int, int], variants: list[str], args: argparse.Namespace) -> None:
+    """Time ratios on a busy machine: every variant in this one process, one step of each in turn
+    (rotating the order), so load from other jobs hits all variants alike. No peaks in this mode."""
+    import torch
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    steps = {v: _make_step(v, *size, dtype, device, args.chunk_size) for v in variants}
+
+    def timed(variant: str) -> float:
+        step, clear = steps[variant]
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        clear()
+        return elapsed
+
+    first = {v: timed(v) for v in variants}  # warm-up, compile included
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(args.repeats):
+        for v in variants[r % len(variants) :] + variants[: r % len(variants)]:
+            times[v].append(timed(v))
+    median = {v: statistics.median(t) for v, t in times.items()}
+    n, vocab, d = size
+    print(f"\nN={n} V={vocab} d={d} {args.dtype} {args.device} chunk_size={args.chunk_size}, interleaved "
+          f"(median of {args.repeats} rounds after 1 warm-up; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")  # fmt: skip
+    print(f"{'variant':<15} {'median s':>10} {'first s':>9}  runs")
+    for v in variants:
+        runs = " ".join(f"{t:.2f}" for t in times[v])
+        print(f"{v:<15} {median[v]:>10.3f} {first[v]:>9.2f}  {runs}")
+    for fused in (v for v in COMPILED if v in median):
+        print(
+            "; ".join(
+                f"{fused}/{ref}: time {median[fused] / median[ref]:.3f}" for ref in median if ref != fused
+            )
+        )
+
+
+def run_chunk_pass(size: tuple[int, int, int], args: argparse.Namespace) -> None:
+    """The per-chunk pointwise work alone, on one chunk_size×V block of fp32 logits (no matmuls): the
+    eager reference (`_eager_chunk`) against the compiled kernel, interleaved, both producing the
+    loss sums, ∂ℓ/∂τ and ∂ℓ/∂z. Each run first restores the logits (both paths overwrite them); that
+    copy is timed alone and subtracted."""
+    import math
+
+    import torch
+
+    from dist_tempnet.losses import lm
+
+    device = torch.device(args.device)
+    n, vocab, _ = size
+    rows = min(args.chunk_size, n)
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, generator=gen)).to(device)
+    targets = torch.randint(0, vocab, (rows,), generator=gen).to(device)
+    valid = (torch.arange(rows) % 10 != 0).to(device)
+    tau = (0.05 + torch.rand(rows, generator=gen)).to(device)
+    scale = valid.float() / valid.sum()
+    rho_term = RHO - math.log(vocab)
+    work, probs = torch.empty_like(logits), torch.empty_like(logits)
+    kernel = lm._compiled_chunk_kernel()
+    paths = {
+        "copy": lambda: work.copy_(logits),
+        "eager": lambda: lm._eager_chunk(
+            work.copy_(logits), probs, targets, valid, tau, scale, rho_term, True, True
+        ),
+        "compiled": lambda: kernel(work.copy_(logits), targets, valid, tau, scale, rho_term, None, True),
+    }
+
+    def timed(path: str) -> float:
+        start = time.perf_counter()
+        paths[path]()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    first = {p: timed(p) for p in paths}
+    eager_grad = (paths["eager"]()[3]).clone()
+    paths["compiled"]()
+    torch.testing.assert_close(work, eager_grad)  # same ∂z from both paths
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    names = list(paths)
+    for r in range(args.repeats):
+        for p in names[r % 3 :] + names[: r % 3]:
+            times[p].append(timed(p))
+    median = {p: statistics.median(t) for p, t in times.items()}
+    eager, compiled = (median[p] - median["copy"] for p in ("eager", "compiled"))
+    print(
+        f"\nchunk pass {rows}x{vocab} fp32 {args.device}, interleaved median of {args.repeats} "
+        f"({torch.get_num_threads()} threads): eager {eager * 1e3:.1f} ms, compiled {compiled * 1e3:.1f} ms "
+        f"(restoring copy {median['copy'] * 1e3:.1f} ms subtracted; compile {first['compiled']:.1f} s); "
+        f"compiled/eager: time {compiled / eager:.3f}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # driver
 
@@ -227,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--tiny", action="store_true", help=f"smoke run at {TINY_SIZES}")
+    parser.add_argument(
+        "--interleave", action="store_true", help="time all variants in one process, alternating (no peaks)"
+    )
+    parser.add_argument(
+        "--chunk-pass", action="store_true", help="time one chunk's pointwise pass: eager vs compiled kernel"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--worker-size", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -251,6 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if args.chunk_pass:
+        for size in sizes:
+            run_chunk_pass(size, args)
+        return 0
+    if args.interleave:
+        for size in sizes:
+            run_interleaved(size, variants, args)
+        return 0
     failed = False
     for size in sizes:
         results = {variant: measure(variant, size, args) for variant in variants}

@@ -50,15 +50,15 @@ def test_gpu_lm_loss_tiny_on_cpu(tmp_path):
 
 
 def test_lm_loss_compiled_kernel_tiny(tmp_path):
-    """The benchmark's compiled variant (CPU inductor) next to the eager one, with its compile time."""
-    out = _run(
-        str(REPO / "benchmarks" / "lm_loss.py"),
-        "--tiny",
-        "--variants",
-        "fused_eager,fused_compiled",
-        cwd=tmp_path,
-    )
+    """The benchmark's compiled variant (CPU inductor) next to the eager one, with its compile time;
+    the interleaved timing mode and the chunk-pass mode."""
+    script = str(REPO / "benchmarks" / "lm_loss.py")
+    out = _run(script, "--tiny", "--variants", "fused_eager,fused_compiled", cwd=tmp_path)
     assert "\nfused_compiled " in out and "fused_compiled/fused_eager: memory" in out
+    out = _run(script, "--tiny", "--interleave", "--variants", "fused_eager,full_ce", cwd=tmp_path)
+    assert "interleaved" in out and "fused_eager/full_ce: time" in out
+    out = _run(script, "--tiny", "--chunk-pass", "--repeats", "3", cwd=tmp_path)
+    assert "compiled/eager: time" in out
 
 
 def test_gpu_suite_tiny(tmp_path):

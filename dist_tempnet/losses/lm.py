@@ -438,6 +438,7 @@ def _chunk_kernel(
 def _compiled_chunk_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
     # dynamic=False: every chunk has the buffer's shape (a short last chunk is padded), so a run
     # compiles once per (rows, V, dtype, write_grad).
+    logger.info("LM loss: the chunk kernel is compiled with torch.compile at its first call per shape")
     return torch.compile(_chunk_kernel, dynamic=False, fullgraph=True)
 
 
