@@ -46,7 +46,7 @@ def lm_loss_rows(tiny: bool) -> list[dict]:
         dtype="fp32" if tiny else "bf16",
     )
     rows = []
-    for variant in lm_loss.VARIANTS:
+    for variant in lm_loss.GPU_VARIANTS:
         r = lm_loss.measure(variant, size, run_args)
         rows.append({"variant": variant, "size": "x".join(map(str, size)), **r})
     return rows

@@ -124,6 +124,7 @@ class LossConfig:
     tempnet_weight_decay: float = 0.0
     isogclr_tau_lr: float = 1.0e-2
     chunk_size: int = 4096  # LM fused loss token chunk
+    compile: str = "auto"  # LM fused loss chunk kernel via torch.compile: auto (on CUDA) | true | false
     state_device: str = "cpu"  # where the per-sample DRO state lives
 
 
@@ -209,7 +210,7 @@ class Config:
 
 CLIP_LOSSES = ("clip", "sogclr", "isogclr", "isogclr_tempnet")
 # str settings whose documented values include true/false: YAML reads those as booleans.
-BOOL_OR_STR_KEYS = ("ray.use_gpu",)
+BOOL_OR_STR_KEYS = ("ray.use_gpu", "loss.compile")
 LM_LOSSES = ("ce", "tempnet")
 LM_MODES = ("scratch", "finetune", "tempnet_only")
 
@@ -489,6 +490,8 @@ def validate(cfg: Config, source: str = "config") -> None:
     _check(lo.init_tau > 0, source, "loss.init_tau", f"must be > 0, got {lo.init_tau}")
     _check(lo.tempnet_lr >= 0, source, "loss.tempnet_lr", f"must be >= 0, got {lo.tempnet_lr}")
     _check(lo.chunk_size > 0, source, "loss.chunk_size", f"must be > 0, got {lo.chunk_size}")
+    lo.compile = lo.compile.lower()
+    _one_of(lo.compile, ("auto", "true", "false"), source, "loss.compile")
     _one_of(lo.state_device, ("cpu", "cuda", "auto"), source, "loss.state_device")
     if cfg.run.task == "clip":
         _one_of(lo.name, CLIP_LOSSES, source, "loss.name")

@@ -49,6 +49,18 @@ def test_gpu_lm_loss_tiny_on_cpu(tmp_path):
     assert "target peak fused/chunked_ce" in out and "target time fused/full_ce" in out
 
 
+def test_lm_loss_compiled_kernel_tiny(tmp_path):
+    """The benchmark's compiled variant (CPU inductor) next to the eager one, with its compile time;
+    the interleaved timing mode and the chunk-pass mode."""
+    script = str(REPO / "benchmarks" / "lm_loss.py")
+    out = _run(script, "--tiny", "--variants", "fused_eager,fused_compiled", cwd=tmp_path)
+    assert "\nfused_compiled " in out and "fused_compiled/fused_eager: memory" in out
+    out = _run(script, "--tiny", "--interleave", "--variants", "fused_eager,full_ce", cwd=tmp_path)
+    assert "interleaved" in out and "fused_eager/full_ce: time" in out
+    out = _run(script, "--tiny", "--chunk-pass", "--repeats", "3", cwd=tmp_path)
+    assert "compiled/eager: time" in out
+
+
 def test_gpu_suite_tiny(tmp_path):
     import json
     import os
@@ -64,7 +76,13 @@ def test_gpu_suite_tiny(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("SUITE_JSON "))
     result = json.loads(line[len("SUITE_JSON ") :])
-    assert {r["variant"] for r in result["lm_loss"]} == {"naive", "fused", "chunked_ce", "full_ce"}
+    assert {r["variant"] for r in result["lm_loss"]} == {
+        "naive",
+        "fused",
+        "fused_eager",
+        "chunked_ce",
+        "full_ce",
+    }
     assert {r["variant"] for r in result["worker_loop"]} == {"ce:scratch", "tempnet:tempnet_only"}
     assert {r["source"] for r in result["clip"]} == {"random", "disk"}
     assert "| LLaMA loop | tempnet:tempnet_only | 2 |" in proc.stdout

@@ -301,3 +301,51 @@ def test_worker_and_benchmarks_import_without_ray_mlflow_webdataset(tmp_path):
             timeout=300,
         )
         assert proc.returncode == 0, (script, proc.stderr[-3000:])
+
+
+# -- CLIP input: uint8, pinned for CUDA, normalized on the device --------------------------------
+
+
+def test_clip_batches_travel_as_uint8_pinned_for_cuda_and_normalize_on_the_device(tmp_path):
+    from dist_tempnet.data import make_demo_clip_dataset
+    from dist_tempnet.data.pipeline import CLIP_MEAN, CLIP_STD, normalize_pixels
+    from dist_tempnet.tasks.clip import CLIPTask
+
+    data = make_demo_clip_dataset(
+        tmp_path / "demo", num_train=16, num_eval=8, image_size=16, samples_per_shard=8
+    )
+    overrides = ["ray.num_workers=1", "train.micro_batch_size=4", "train.global_batch_size=4"]
+    cfg = load_config(None, [*overrides, f"data.path={data}", "data.image_size=16", "data.num_workers=1"])
+    # What a CUDA worker gets (no GPU needed: the stream's DataLoader has not started yet).
+    assert CLIPTask(cfg, 0, 1, torch.device("cuda", 0))._open_stream(None).loader_kwargs()["pin_memory"]
+    task = CLIPTask(cfg, 0, 1, torch.device("cpu"))
+    with task._open_stream(None) as stream:
+        assert stream.loader_kwargs()["pin_memory"] is False  # pinning costs and buys nothing on CPU
+        pixels = next(stream)["pixel_values"]
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 16, 16)
+    # The float32 host path the collator had before: /255, then CLIP's mean and std.
+    mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (CLIP_MEAN, CLIP_STD))
+    before = pixels.float().div(255.0).sub(mean).div(std)
+    torch.testing.assert_close(normalize_pixels(pixels), before)
+    with torch.no_grad():  # the task normalizes uint8 input itself, to the same embeddings
+        torch.testing.assert_close(task.module.embed(pixels)[0], task.module.embed(before)[0])
+
+
+def test_in_process_stream_pins_its_batches(tmp_path, monkeypatch):
+    """num_workers=0 has no DataLoader to pin: the stream pins each batch itself. CPU-only torch
+    cannot pin, so record the calls."""
+    from dist_tempnet.data import clip_batches, make_demo_clip_dataset
+
+    data = make_demo_clip_dataset(
+        tmp_path / "demo", num_train=8, num_eval=8, image_size=16, samples_per_shard=8
+    )
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda t: pinned.append(t.dtype) or t)
+    with clip_batches(data, batch_size=4, pin_memory=True) as stream:
+        batch = next(stream)
+    assert batch["pixel_values"].dtype == torch.uint8
+    assert torch.uint8 in pinned and pinned.count(torch.int64) >= 4  # pixels, ids, mask, sample ids, labels
+    with clip_batches(data, batch_size=4) as stream:
+        pinned.clear()
+        next(stream)
+    assert pinned == []

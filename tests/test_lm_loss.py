@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.exc import TorchDynamoException
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dist_tempnet as dt
 from dist_tempnet.losses import lm
@@ -235,23 +239,168 @@ def test_head_row_blocks_stay_exact(monkeypatch):
     assert_same(fused, naive, fused_grads, naive_grads)
 
 
-def test_low_precision_operand_path(monkeypatch):
+def _emulate_out_dtype_mm(monkeypatch):
+    """CPU has no torch.mm(bf16, bf16, out_dtype=fp32): emulate the CUDA kernel (same math)."""
+    monkeypatch.setattr(lm, "_device_has_out_dtype_mm", lambda device: True)
+    monkeypatch.setattr(lm, "_mm", lambda a, b, acc: a.to(acc) @ b.to(acc))
+    monkeypatch.setattr(lm, "_mm_into", lambda a, b, out: torch.mm(a.to(out.dtype), b.to(out.dtype), out=out))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_low_precision_operand_path(monkeypatch, compiled):
     """Where torch.mm can write fp32 from bf16 operands (CUDA), bf16 operands are kept; emulate that
-    kernel on CPU to exercise the path, and compare with fp64 on the same bf16 values."""
+    kernel on CPU to exercise the path, and compare with fp64 on the same bf16 values. compiled: the
+    chunk kernel's code path (∂z into its own bf16 buffer), run uncompiled to keep this test cheap."""
+    monkeypatch.setattr(lm, "_compiled_chunk_kernel", lambda: lm._chunk_kernel)
     hidden, weight, labels, _ = make_case(n=30, dtype=torch.bfloat16)
     tempnet = LMTempNet(V, hidden_size=16, dropout=0.0).double().eval()
     as_fp64 = [t.detach().double().requires_grad_() for t in (hidden, weight)]
     reference, expected = loss_and_grads(naive_tempnet_lm_loss, *as_fp64, labels, tempnet)
     tempnet.float()
     monkeypatch.setattr(lm, "_HEAD_ROW_BLOCK", 16)
-    monkeypatch.setattr(lm, "_device_has_out_dtype_mm", lambda device: True)
-    monkeypatch.setattr(lm, "_mm", lambda a, b, acc: a.to(acc) @ b.to(acc))
-    out, got = loss_and_grads(tempnet_lm_loss, hidden, weight, labels, tempnet, chunk_size=8)
+    _emulate_out_dtype_mm(monkeypatch)
+    out, got = loss_and_grads(
+        tempnet_lm_loss, hidden, weight, labels, tempnet, chunk_size=8, compiled=compiled
+    )
     torch.testing.assert_close(out.loss.double(), reference.loss, rtol=1e-4, atol=1e-5)
     assert got["hidden"].dtype == got["weight"].dtype == torch.bfloat16
     for name, want in expected.items():
         scale = want.abs().max().item()  # bf16 gradients: error relative to the largest entry
         torch.testing.assert_close(got[name].double(), want, rtol=2e-2, atol=5e-3 * scale, msg=name)
+
+
+class _FreshChunkTensors(TorchDispatchMode):
+    """Records op results of a given shape that share no storage with the op's inputs: the chunk×V
+    tensors ops allocate (an `out=` or in-place result is its input's storage; a view too)."""
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape, self.fresh = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        inputs = {t.untyped_storage().data_ptr() for t in tensors}
+        for t in pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != self.shape:
+                continue
+            if t.untyped_storage().data_ptr() not in inputs:
+                self.fresh.append(f"{func.__name__} {t.dtype}")
+        return out
+
+
+def test_chunk_logits_go_into_one_reused_buffer(monkeypatch):
+    """bf16 operands with fp32 products (CUDA's torch.mm out_dtype, emulated): each chunk's logits
+    are written into one buffer and ∂z into one bf16 buffer, however many chunks there are."""
+    hidden, weight, labels, _ = make_case(n=32, dtype=torch.bfloat16)
+    tempnet = LMTempNet(V, hidden_size=16, dropout=0.0).eval()
+    _emulate_out_dtype_mm(monkeypatch)
+    chunk = 8  # four chunks
+    with _FreshChunkTensors((chunk, V)) as fused_mode:
+        tempnet_lm_loss(hidden, weight, labels, tempnet, RHO, chunk_size=chunk).loss.backward()
+    with _FreshChunkTensors((chunk, V)) as ce_mode:
+        chunked_cross_entropy(hidden, weight, labels, chunk_size=chunk).backward()
+    # Not counted: the emulation's fp32 copies of bf16 operands (CUDA's kernel reads bf16 directly).
+    fused = sorted(r for r in fused_mode.fresh if r != "_to_copy.default torch.float32")
+    ce = sorted(r for r in ce_mode.fresh if r != "_to_copy.default torch.float32")
+    # The eager path's logits buffer and probability buffer (fp32), and ∂z as the bf16 matmul operand.
+    assert fused == ["empty_like.default torch.float32", *ce], fused_mode.fresh
+    assert ce == ["new_empty.default torch.bfloat16", "new_empty.default torch.float32"], ce_mode.fresh
+
+
+def test_compiled_kernel_matches_fp64_reference(monkeypatch):
+    """The torch.compile'd chunk kernel (inductor on CPU here) against the fp64 reference: values and
+    gradients, ignored tokens, a short last chunk; the logits buffer is the one ∂z is written into."""
+    case = make_case(n=37)  # chunks of 16, 16 and 5 (padded to 16: one shape, one compile)
+    naive, naive_grads = loss_and_grads(naive_tempnet_lm_loss, *case)
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("the eager chunk path ran")
+
+    monkeypatch.setattr(lm, "_eager_chunk", no_eager)
+    seen = {"logits": [], "grad": []}
+    logits, backprop = lm._HeadPass.logits, lm._HeadPass.backprop
+    monkeypatch.setattr(
+        lm._HeadPass, "logits", lambda self, rows: _record(seen["logits"], logits(self, rows))
+    )
+    monkeypatch.setattr(
+        lm._HeadPass, "backprop", lambda self, rows, g: backprop(self, rows, _record(seen["grad"], g))
+    )
+    fused, fused_grads = loss_and_grads(tempnet_lm_loss, *case, chunk_size=16, compiled=True)
+    assert_same(fused, naive, fused_grads, naive_grads)
+    assert [n for n, _ in seen["logits"]] == [16, 16, 5] and [n for n, _ in seen["grad"]] == [16, 16, 5]
+    assert len({ptr for _, ptr in seen["logits"] + seen["grad"]}) == 1  # one buffer: logits, then ∂z
+
+
+def _record(log: list, t: torch.Tensor) -> torch.Tensor:
+    log.append((t.shape[0], t.data_ptr()))
+    return t
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise TorchDynamoException("no compiler on this box")
+
+    monkeypatch.setattr(lm, "_compiled_chunk_kernel", lambda: broken)
+    monkeypatch.setattr(lm, "_COMPILE_FAILED", set())
+    case = make_case(n=20)
+    naive, naive_grads = loss_and_grads(naive_tempnet_lm_loss, *case)
+    with caplog.at_level(logging.WARNING, logger=lm.__name__):
+        fused, fused_grads = loss_and_grads(tempnet_lm_loss, *case, chunk_size=8, compiled=True)
+        loss_and_grads(tempnet_lm_loss, *case, chunk_size=8, compiled=True)
+    assert_same(fused, naive, fused_grads, naive_grads)
+    warned = [r.message for r in caplog.records if "eager path" in r.message]
+    assert len(warned) == 1, warned  # once: later calls go straight to the eager path
+    assert "kernel failed on cpu (no compiler on this box)" in warned[0]
+
+
+def test_compile_is_automatic_on_cuda_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert lm._use_compiled(None, cuda) and not lm._use_compiled(None, cpu)
+    assert lm._use_compiled(True, cpu) and not lm._use_compiled(False, cuda)
+
+
+class _MatmulPrecision(TorchDispatchMode):
+    """The CUDA fp32 matmul precision setting in force at each matmul (its output shape, and whether
+    it wrote into a given buffer)."""
+
+    MATMULS = ("mm.default", "mm.out", "addmm.default", "addmm_.default", "bmm.default")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__
+        if name in self.MATMULS:
+            self.calls.append((name, tuple(out.shape), torch.backends.cuda.matmul.fp32_precision))
+        return out
+
+
+def test_tau_path_matmuls_use_tf32_and_logits_do_not(monkeypatch):
+    """On CUDA (emulated: the flag is set, CPU math ignores it) the τ path's fp32 matmuls run in TF32,
+    the chunk logits and their gradient matmuls in full fp32, and the setting is restored after."""
+    monkeypatch.setattr(lm, "_has_tf32", lambda device: True)
+    before = torch.backends.cuda.matmul.fp32_precision
+    hidden, weight, labels, tempnet = make_case(n=24)
+    with _MatmulPrecision() as mode:
+        tempnet_lm_loss(hidden, weight, labels, tempnet, RHO, chunk_size=8).loss.backward()
+    assert torch.backends.cuda.matmul.fp32_precision == before != "tf32"
+    precision = {}
+    for name, shape, setting in mode.calls:
+        precision.setdefault((name, shape), set()).add(setting)
+    hidden_size = tempnet.first.weight.shape[0]
+    assert precision[("mm.default", (D, D))] == {"tf32"}  # Gram matrix W_Uᵀ W_U
+    assert precision[("mm.default", (24, D))] == {"tf32"}  # h · Gram
+    assert precision[("addmm_.default", (hidden_size, D))] == {"tf32"}  # W1 · W_U
+    # TempNet's first layer, from (W1·W_U); its own hidden layer (same shape) stays in full fp32.
+    assert "tf32" in precision[("mm.default", (24, hidden_size))]
+    assert precision[("mm.default", (hidden_size, V))] == {"tf32"}  # W1's gradient (in backward)
+    assert precision[("mm.out", (8, V))] == {before}  # the chunk logits
+    assert precision[("mm.out", (8, D))] == {before}  # ∂hidden from the chunk's ∂z
+    assert precision[("addmm_.default", (V, D))] == {before}  # ∂W_U accumulation
 
 
 @pytest.mark.parametrize("chunk_size", [3, 64])
@@ -302,6 +451,6 @@ def test_benchmark_tiny_runs():
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "fused/naive: memory" in proc.stdout
+    assert "fused/naive: memory" in proc.stdout and "fused/full_ce: memory" in proc.stdout
     for variant in ("naive", "fused", "chunked_ce", "full_ce"):
         assert f"\n{variant} " in proc.stdout

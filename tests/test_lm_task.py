@@ -148,3 +148,44 @@ def test_tau_spread_and_correlations_are_logged(text_data, tmp_path):
     assert final["tau/p10"] <= final["tau/p50"] <= final["tau/p90"]
     for key in ("eval/tau_entropy_spearman", "eval/tau_freq_spearman"):
         assert -1.0 <= final[key] <= 1.0, key
+
+
+def test_loss_compile_setting_reaches_the_fused_loss(text_data, monkeypatch):
+    """loss.compile (auto | true | false; YAML booleans too) picks the fused loss's chunk kernel."""
+    from dist_tempnet.config import ConfigError
+    from dist_tempnet.losses import lm as lm_loss
+    from dist_tempnet.tasks.lm import LMTask
+
+    def config(value: str):
+        overrides = [f"data.path={text_data}", "data.seq_len=32", "loss.tempnet_hidden=16", value]
+        return load_config(REPO / "configs" / "lm_tiny_scratch.yaml", overrides)
+
+    assert config("loss.chunk_size=1024").loss.compile == "auto"
+    assert config("loss.compile=false").loss.compile == "false"  # a YAML boolean
+    with pytest.raises(ConfigError, match="loss.compile"):
+        config("loss.compile=sometimes")
+    assert LMTask(config("loss.compile=auto"), 0, 1, torch.device("cpu")).module.compiled is None
+    task = LMTask(config("loss.compile=true"), 0, 1, torch.device("cpu"))
+    assert task.module.compiled is True
+    calls = []
+
+    def kernel(*args):  # the kernel's code, uncompiled: this test checks the wiring, not inductor
+        calls.append(args[0].shape)
+        return lm_loss._chunk_kernel(*args)
+
+    monkeypatch.setattr(lm_loss, "_compiled_chunk_kernel", lambda: kernel)
+    ids = torch.randint(0, 100, (2, 17))
+    loss, _ = task.module(ids[:, :-1], ids[:, 1:], None)
+    loss.backward()
+    assert calls and torch.isfinite(loss)
+
+
+def test_token_batches_are_pinned_for_cuda(text_data):
+    from dist_tempnet.tasks.lm import LMTask
+
+    cfg = load_config(
+        REPO / "configs" / "lm_tiny_scratch.yaml",
+        [f"data.path={text_data}", "data.seq_len=32", "loss.tempnet_hidden=16", "data.num_workers=1"],
+    )
+    assert LMTask(cfg, 0, 1, torch.device("cuda", 0))._open_stream(None).loader_kwargs()["pin_memory"]
+    assert not LMTask(cfg, 0, 1, torch.device("cpu"))._open_stream(None).loader_kwargs()["pin_memory"]

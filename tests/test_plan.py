@@ -388,3 +388,22 @@ def test_plan_matches_measured_peak_of_a_real_tiny_run(stage):
         f"(ratio {ratio:.2f})"
     )
     assert 0.75 <= ratio <= 1.25
+
+
+def test_loss_chunk_buffers_follow_the_compiled_kernel():
+    """The compiled chunk kernel (loss.compile auto/true: the default on CUDA) holds one fp32 logits
+    buffer, the eager TempNet path two; under bf16 a bf16 ∂z buffer comes on top."""
+
+    def buffers(*overrides: str) -> tuple[planner.MemoryItem, int]:
+        cfg = load_config(LLM_ZERO3, [NO_DATA, "loss.name=tempnet", "loss.chunk_size=4096", *overrides])
+        shape = planner.model_shape(cfg)
+        items, _ = planner.lm_loss_items(shape, cfg, 2 if cfg.train.precision == "bf16" else 4)
+        item = next(item for item in items if item.name.startswith("loss chunk buffers"))
+        return item, 4096 * shape.vocab_size  # micro batch × seq_len is well above the chunk
+
+    compiled, elements = buffers("train.precision=bf16")
+    assert compiled.bytes == elements * (4 + 2) and "1 fp32 + 1 bf16" in compiled.name
+    eager, _ = buffers("train.precision=bf16", "loss.compile=false")
+    assert eager.bytes == elements * (4 + 4 + 2) and "2 fp32 + 1 bf16" in eager.name
+    fp32, _ = buffers("train.precision=fp32")
+    assert fp32.bytes == elements * 4 and "(1 fp32," in fp32.name

@@ -106,12 +106,21 @@ class ImageFiles(torch.utils.data.Dataset):
 
 
 def image_loader(
-    files: list[str], image_size: int, batch_size: int, num_workers: int, rank: int = 0, world: int = 1
+    files: list[str],
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, int]:
-    """A loader over this rank's contiguous slice of ``files``; returns (loader, slice start)."""
+    """A loader over this rank's contiguous slice of ``files``; returns (loader, slice start).
+    ``pin_memory``: uint8 batches in pinned host memory (for a CUDA device: see pipeline.pin_memory_for)."""
     start, stop = len(files) * rank // world, len(files) * (rank + 1) // world
     dataset = ImageFiles(tuple(files[start:stop]), image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory
+    )
     return loader, start
 
 

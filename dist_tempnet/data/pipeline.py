@@ -75,6 +75,13 @@ def normalize_pixels(pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -
     return pixels.float().sub_(mean).div_(std).to(dtype)
 
 
+def pin_memory_for(device: torch.device | str | None) -> bool:
+    """Whether batches bound for `device` should come in pinned (page-locked) host memory: on CUDA the
+    trainer's non_blocking copy from pinned memory runs asynchronously, overlapping the step; from
+    pageable memory it is a synchronous staging copy. Elsewhere pinning only costs."""
+    return device is not None and torch.device(device).type == "cuda"
+
+
 @dataclass(frozen=True)
 class ImageTextCollator:
     """ImageTextSamples -> pixel_values (uint8 [B, 3, H, W]; see normalize_pixels), tokenized
@@ -290,9 +297,16 @@ class BatchStream:
     Worker processes start on the first ``next()``; ``close()`` (or ``with``) stops them.
     """
 
-    def __init__(self, dataset: EpochStream, num_workers: int, resume: StreamResume | None = None) -> None:
+    def __init__(
+        self,
+        dataset: EpochStream,
+        num_workers: int,
+        resume: StreamResume | None = None,
+        pin_memory: bool = False,
+    ) -> None:
         self.dataset = dataset
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.samples_seen = resume.samples_seen if resume else 0
         self.batches_seen = resume.batches_seen if resume else 0
         self.epoch = dataset.spec.epoch_start
@@ -377,8 +391,17 @@ class BatchStream:
         if self.dataset.spec.manifest.kind == "image_text":
             # HF tokenizers warns (and may deadlock) when forked after using its thread pool.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2)
-        return iter(loader)
+        return iter(DataLoader(self.dataset, **self.loader_kwargs()))
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """How the DataLoader over worker processes is built (num_workers > 0): batches come collated
+        from the workers, and are pinned by the DataLoader's pin thread when ``pin_memory``."""
+        return {
+            "batch_size": None,
+            "num_workers": self.num_workers,
+            "prefetch_factor": 2,
+            "pin_memory": self.pin_memory,
+        }
 
     def __iter__(self) -> BatchStream:
         return self
@@ -389,6 +412,8 @@ class BatchStream:
         if self._source is None:
             self._source = self._start()
         batch = next(self._source)
+        if self.pin_memory and self.num_workers == 0:  # no DataLoader (and no pin thread) in between
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         self.epoch = batch.pop(_META_EPOCH)
         worker = batch.pop(_META_WORKER)
         self._skipped_by_worker[worker] = tuple(int(v) for v in batch.pop(_META_SKIPPED))
@@ -585,7 +610,7 @@ def _training_stream(
     manifest: Manifest, decode: Callable[..., Any], collate: Callable[[list[Any]], dict[str, Any]],
     batch_size: int, rank: int, world_size: int, num_workers: int, shuffle_buffer: int, seed: int,
     allow_corrupt: bool, epoch_start: int, shuffle: bool, resume: StreamResume | None,
-    caption_key: str = "txt",
+    caption_key: str = "txt", pin_memory: bool = False,
 ) -> BatchStream:  # fmt: skip
     """The endless stream both training readers share; they differ only in decode/collate."""
     _check_stream_args(manifest, batch_size, rank, world_size, num_workers)
@@ -595,7 +620,7 @@ def _training_stream(
         shuffle=shuffle, shuffle_buffer=shuffle_buffer, allow_corrupt=allow_corrupt, decode=decode,
         collate=collate, caption_key=caption_key, **_resume_fields(resume, epoch_start),
     )  # fmt: skip
-    return BatchStream(EpochStream(spec), num_workers, resume)
+    return BatchStream(EpochStream(spec), num_workers, resume, pin_memory)
 
 
 def clip_batches(
@@ -616,18 +641,21 @@ def clip_batches(
     resume: StreamResume | None = None,
     caption_key: str = "txt",
     crop_scale: tuple[float, float] | None = None,
+    pin_memory: bool = False,
 ) -> BatchStream:
     """Endless image-text training batches for one rank.
 
     ``manifest_or_dir``: a Manifest, a dataset.json, a split directory, or a dataset root (then
     ``split``, default "train", picks the sub-directory; an explicit ``split`` must match).
 
-    Each batch: ``pixel_values`` float32 [B, 3, H, W] (CLIP mean/std), ``input_ids`` int64 [B, L],
+    Each batch: ``pixel_values`` uint8 [B, 3, H, W] (normalize on the device with
+    :func:`normalize_pixels`: a quarter of float32's bytes to copy), ``input_ids`` int64 [B, L],
     ``attention_mask`` int64 [B, L] (L = max_text_len), ``sample_ids`` int64 [B], ``labels`` int64 [B]
     (class index, -1 when the data has none). ``tokenizer``: a tokenizer object, a path, or None for
     the manifest's own tokenizer. ``image_size``: None keeps the stored size (images are resized and
     center-cropped otherwise). ``resume`` (from :func:`resume_position`) continues an earlier run's
-    exact data position and overrides ``epoch_start``.
+    exact data position and overrides ``epoch_start``. ``pin_memory``: deliver batches in pinned
+    host memory (see :func:`pin_memory_for`).
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "image_text")
     size = _resolve_image_size(image_size, manifest)
@@ -636,7 +664,7 @@ def clip_batches(
     collate = ImageTextCollator(_resolve_tokenizer(tokenizer, manifest), max_text_len)
     return _training_stream(manifest, decode, collate, batch_size, rank, world_size, num_workers,
                             shuffle_buffer, seed, allow_corrupt, epoch_start, shuffle, resume,
-                            caption_key)  # fmt: skip
+                            caption_key, pin_memory)  # fmt: skip
 
 
 def token_batches(
@@ -652,17 +680,18 @@ def token_batches(
     epoch_start: int = 0,
     shuffle: bool = True,
     resume: StreamResume | None = None,
+    pin_memory: bool = False,
 ) -> BatchStream:
     """Endless language-model batches: ``input_ids`` int64 [B, seq_len + 1], ``sample_ids`` int64 [B],
     and for chat shards ``loss_mask`` bool [B, seq_len + 1] (True where the token is a loss target).
 
-    Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``. ``resume``: as in
-    :func:`clip_batches`.
+    Inputs are ``input_ids[:, :-1]`` and next-token labels ``input_ids[:, 1:]``. ``resume``,
+    ``pin_memory``: as in :func:`clip_batches`.
     """
     manifest = _manifest_of_kind(manifest_or_dir, split, "tokens")
     return _training_stream(manifest, TokenDecoder(manifest.seq_len), collate_tokens, batch_size, rank,
                             world_size, num_workers, shuffle_buffer, seed, allow_corrupt, epoch_start,
-                            shuffle, resume)  # fmt: skip
+                            shuffle, resume, pin_memory=pin_memory)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ evaluation pass

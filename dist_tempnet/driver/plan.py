@@ -437,10 +437,14 @@ def lm_loss_items(shape: ModelShape, cfg: Config, act_bytes: int) -> tuple[list[
     n = cfg.train.micro_batch_size * cfg.data.seq_len
     v, d = shape.vocab_size, shape.hidden_size
     chunk = min(cfg.loss.chunk_size, n)
-    buffers = 2 if cfg.loss.name == "tempnet" else 1
-    items = [
-        MemoryItem(f"loss chunk buffers ({buffers}×{chunk}×V fp32)", buffers * chunk * v * 4, "backward")
-    ]
+    # fp32 logits (the eager TempNet path adds a probability buffer; the compiled kernel, the default
+    # on CUDA, does not), and under bf16 ∂z as the backward matmuls' bf16 operand.
+    eager = cfg.loss.name == "tempnet" and cfg.loss.compile == "false"
+    fp32_buffers = 2 if eager else 1
+    bf16_buffers = 1 if act_bytes == 2 else 0
+    what = f"{fp32_buffers} fp32" + (" + 1 bf16" if bf16_buffers else "")
+    size = chunk * v * (4 * fp32_buffers + 2 * bf16_buffers)
+    items = [MemoryItem(f"loss chunk buffers ({what}, {chunk}×V)", size, "backward")]
     if shape.frozen_params == 0:
         items.append(
             MemoryItem("loss gradients (N×d hidden + V×d head, fp32)", 4 * (n * d + v * d), "backward")

@@ -9,13 +9,22 @@ The LM is trained through ℓ with τ held fixed (∂ℓ/∂z = softmax(z/τ) �
 out on full N×V logits; `tempnet_lm_loss` gets the same value and gradients without ever holding an
 N×V tensor: TempNet's first layer is applied through the d×d Gram matrix of the head, and one pass
 over token chunks computes the loss and all gradients at once.
+
+The per-chunk pointwise work has two implementations: a hand-written eager one (the reference, and
+the fallback) and a `torch.compile`d kernel that does every pointwise pass over a chunk's logits
+(row max, the partition functions at τ and at 1, the entropy for ∂ℓ/∂τ, ∂ℓ/∂z) in one fused
+kernel, writing ∂ℓ/∂z over the logits it read. `compiled=None` picks the kernel on CUDA only:
+inductor's CPU compile costs tens of seconds for a few percent there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Union
 
@@ -24,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dist_tempnet.tempnet import LMTempNet
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk; on CPU time is flat from 512 to 4096 (benchmarks/lm_loss.py)
 
@@ -137,6 +148,48 @@ def _mm(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
         return a.to(acc) @ b.to(acc)
 
 
+def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out ← a @ b with `out` in accumulation precision (operands share one dtype): the chunk logits
+    land in the one buffer reused for every chunk, no temporary."""
+    if a.dtype == out.dtype:
+        return torch.mm(a, b, out=out)
+    try:
+        return torch.mm(a, b, out_dtype=out.dtype, out=out)
+    except (RuntimeError, NotImplementedError) as err:  # a layout the probe didn't cover: stay correct
+        warnings.warn(f"mm with out_dtype failed ({err}); upcasting operands instead", stacklevel=2)
+        _OUT_DTYPE_MM[a.device.type] = False
+        return torch.mm(a.to(out.dtype), b.to(out.dtype), out=out)
+
+
+def _has_tf32(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@contextlib.contextmanager
+def _tf32_matmuls(device: torch.device) -> Iterator[None]:
+    """fp32 matmuls on CUDA use TF32 inside this block (restored after; nothing changes elsewhere).
+
+    For the τ path only: ‖z‖² = hᵀGh, (W1·W_U) and W1's gradient feed TempNet, a smooth function of
+    its L2-normalized input, so TF32's relative error (~5e-4 per product, fp32 accumulation) moves τ
+    and its gradient by about as little. Never for the chunk logits: at τ ≈ 0.01 an absolute logit
+    error of |z|·5e-4 becomes an O(1) error in z/τ.
+    """
+    if not _has_tf32(device):
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    try:
+        previous = matmul.fp32_precision
+    except RuntimeError:  # the caller set TF32 through the legacy allow_tf32 flag: leave it to them
+        yield
+        return
+    matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
 def _row_blocks(n: int, size: int) -> Iterator[slice]:
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
@@ -201,8 +254,9 @@ class _ProjectThroughHead(torch.autograd.Function):
     def forward(ctx, first_weight: Tensor, head_weight: Tensor) -> Tensor:
         acc = _accumulation_dtype(first_weight.dtype, head_weight.dtype)
         projected = first_weight.new_zeros(first_weight.shape[0], head_weight.shape[1], dtype=acc)
-        for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
-            projected.addmm_(first_weight[:, rows].to(acc), head_weight[rows].to(acc))
+        with _tf32_matmuls(head_weight.device):
+            for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
+                projected.addmm_(first_weight[:, rows].to(acc), head_weight[rows].to(acc))
         ctx.save_for_backward(head_weight)
         ctx.first_dtype = first_weight.dtype
         return projected
@@ -212,8 +266,9 @@ class _ProjectThroughHead(torch.autograd.Function):
         (head_weight,) = ctx.saved_tensors
         shape = (grad_projected.shape[0], head_weight.shape[0])
         grad_first = grad_projected.new_empty(shape, dtype=ctx.first_dtype)
-        for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
-            grad_first[:, rows] = grad_projected @ head_weight[rows].to(grad_projected.dtype).t()
+        with _tf32_matmuls(head_weight.device):  # runs in backward, outside tempnet_tau_from_hidden
+            for rows in _row_blocks(head_weight.shape[0], _HEAD_ROW_BLOCK):
+                grad_first[:, rows] = grad_projected @ head_weight[rows].to(grad_projected.dtype).t()
         return grad_first, None
 
 
@@ -234,15 +289,16 @@ def tempnet_tau_from_hidden(hidden: Tensor, lm_head_weight: Tensor, tempnet: LMT
     W1·normalize(z) = (W1·W_U)·h / ‖z‖ with ‖z‖² = hᵀ(W_Uᵀ W_U)h: O(N·d·(d + hidden) + hidden·d·V)
     instead of O(N·V·hidden). Gradient reaches TempNet's parameters only (h and W_U are detached, as
     TempNet reads detached logits). Exact in real arithmetic; in floating point ‖z‖ via the Gram
-    matrix loses relative accuracy only when ‖z‖ ≪ ‖W_U‖·‖h‖.
+    matrix loses relative accuracy only when ‖z‖ ≪ ‖W_U‖·‖h‖. On CUDA its fp32 matmuls use TF32.
     """
     first = tempnet.first
     acc = _accumulation_dtype(hidden.dtype, lm_head_weight.dtype, first.weight.dtype)
     head = lm_head_weight.detach()
     h = hidden.detach().to(acc)
-    sq_norm = ((h @ _head_gram(head, acc)) * h).sum(-1).clamp_min(0)  # Gram rounding can dip below 0
-    inv_norm = 1.0 / sq_norm.sqrt().clamp_min(_NORM_EPS)
-    pre = (h * inv_norm.unsqueeze(1)) @ _ProjectThroughHead.apply(first.weight, head).t()
+    with _tf32_matmuls(head.device):  # the Gram matrix itself has bf16 operands where inputs are bf16
+        sq_norm = ((h @ _head_gram(head, acc)) * h).sum(-1).clamp_min(0)  # rounding can dip below 0
+        inv_norm = 1.0 / sq_norm.sqrt().clamp_min(_NORM_EPS)
+        pre = (h * inv_norm.unsqueeze(1)) @ _ProjectThroughHead.apply(first.weight, head).t()
     if first.bias is not None:
         pre = pre + first.bias.to(acc)
     return tempnet.tau_from_first_layer(pre)  # fp32 (fp64 in the exactness tests), never bf16
@@ -256,9 +312,10 @@ class _HeadPass:
     """State of one chunked pass against the LM head: chunk logits in accumulation precision, and the
     gradients w.r.t. hidden and W_U accumulated eagerly from each chunk's ∂loss/∂z.
 
-    Holds at most one chunk×V logits buffer (reused across chunks), the gradient buffers (N×d, V×d),
-    and, only where the device cannot write fp32 products from bf16 operands (CPU), an fp32 copy of a
-    bf16 head so the chunks don't each repeat the cast.
+    Holds one chunk×V logits buffer that every chunk's matmul writes into (`out=`), the gradient
+    buffers (N×d, V×d), where operands are bf16 a chunk×V bf16 buffer for ∂z (the backward matmuls'
+    operand), and, only where the device cannot write fp32 products from bf16 operands (CPU), an
+    fp32 copy of a bf16 head so the chunks don't each repeat the cast.
     """
 
     def __init__(self, hidden: Tensor, weight: Tensor, chunk_size: int, need_dh: bool, need_dw: bool) -> None:
@@ -275,24 +332,29 @@ class _HeadPass:
         self.vocab = vocab
         self.grad_hidden = hidden.new_zeros(n, d, dtype=self.acc) if need_dh else None
         self.grad_weight = hidden.new_zeros(vocab, d, dtype=self.acc) if need_dw else None
-        rows = min(chunk_size, n)
-        writes_in_place = self.operand == self.acc
-        self._logits_buffer = hidden.new_empty(rows, vocab, dtype=self.acc) if writes_in_place else None
+        self.rows = min(chunk_size, n)  # rows of every buffer: the last chunk may use fewer
+        self.buffer = hidden.new_empty(self.rows, vocab, dtype=self.acc)
+        needs_grad = need_dh or need_dw
+        separate = needs_grad and self.operand != self.acc
+        # Where ∂z is a matmul operand in bf16 it cannot overwrite the fp32 logits it is computed from.
+        self.grad_buffer = hidden.new_empty(self.rows, vocab, dtype=self.operand) if separate else None
 
     def chunks(self) -> Iterator[slice]:
         return _row_blocks(self.hidden.shape[0], self.chunk_size)
 
     def logits(self, rows: slice) -> Tensor:
+        """This chunk's logits, written into the shared buffer (a view of its first rows)."""
         h = self.hidden[rows].to(self.operand)
-        if self._logits_buffer is None:
-            return _mm(h, self.weight.t(), self.acc)
-        return torch.mm(h, self.weight.t(), out=self._logits_buffer[: h.shape[0]])
+        return _mm_into(h, self.weight.t(), self.buffer[: h.shape[0]])
 
     def backprop(self, rows: slice, grad_logits: Tensor) -> None:
         """Add a chunk's ∂loss/∂z (already divided by the token count) to the hidden and head grads."""
-        g = grad_logits.to(self.operand)
+        if grad_logits.dtype == self.operand:
+            g = grad_logits
+        else:  # the eager path's fp32 ∂z, cast into the reused operand buffer
+            g = self.grad_buffer[: grad_logits.shape[0]].copy_(grad_logits)
         if self.grad_hidden is not None:
-            self.grad_hidden[rows] = _mm(g, self.weight, self.acc)
+            _mm_into(g, self.weight, self.grad_hidden[rows])
         if self.grad_weight is None:
             return
         h = self.hidden[rows].to(self.operand)
@@ -332,6 +394,126 @@ def _saved_grads_times(ctx, grad_out: Tensor) -> list[Tensor | None]:
     return [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
 
 
+def _chunk_kernel(
+    logits: Tensor,
+    targets: Tensor,
+    valid: Tensor,
+    tau: Tensor,
+    row_scale: Tensor,
+    rho_term: float,
+    grad_out: Tensor | None,
+    write_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk's loss sum, plain-CE sum and ∂loss/∂τ; with `write_grad`, ∂loss/∂z is written into
+    `grad_out` (or over `logits` when None). rho_term = ρ − log V.
+
+    Written for `torch.compile`: inductor fuses it into one kernel that reads the chunk a few times
+    and writes ∂z once, with no chunk×V temporary (the eager path makes ~18 passes). Every
+    chunk-sized expression is recomputed from `logits` where it is used (∂z takes p = exp(u − log Σe^u),
+    not e^u / Σe^u) so that inductor has no reason to store one. Rows with valid = False (ignored
+    tokens, and the padding rows of a short last chunk, whose buffer rows hold stale data) read as
+    zeros and contribute nothing.
+    """
+    z = torch.where(valid.unsqueeze(1), logits, 0.0)
+    shifted = z - z.amax(dim=1, keepdim=True)
+    target = shifted.gather(1, targets.unsqueeze(1)).squeeze(1)
+    log_z1 = shifted.exp().sum(1).log()  # τ = 1 partition function, for the plain-CE metric
+    u = shifted / tau.unsqueeze(1)
+    e = u.exp()
+    partition = e.sum(1)
+    log_z = partition.log()
+    loss_sum = torch.where(valid, tau * log_z - target + rho_term * tau, 0.0).sum()
+    ce_sum = torch.where(valid, log_z1 - target, 0.0).sum()
+    entropy = log_z - (e * u).sum(1) / partition
+    grad_tau = (entropy + rho_term) * row_scale
+    if write_grad:
+        p = torch.exp(u - log_z.unsqueeze(1))
+        onehot = torch.arange(z.shape[1], device=z.device) == targets.unsqueeze(1)
+        grad = torch.where(onehot, p - 1.0, p) * row_scale.unsqueeze(1)
+        (logits if grad_out is None else grad_out).copy_(grad)
+    return loss_sum, ce_sum, grad_tau
+
+
+@functools.cache
+def _compiled_chunk_kernel() -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    # dynamic=False: every chunk has the buffer's shape (a short last chunk is padded), so a run
+    # compiles once per (rows, V, dtype, write_grad).
+    logger.info("LM loss: the chunk kernel is compiled with torch.compile at its first call per shape")
+    return torch.compile(_chunk_kernel, dynamic=False, fullgraph=True)
+
+
+_COMPILE_FAILED: set[str] = set()  # device types where the kernel failed to compile: eager from then on
+
+
+def _use_compiled(compiled: bool | None, device: torch.device) -> bool:
+    """None (auto) compiles on CUDA only: on CPU inductor's compile costs tens of seconds per shape."""
+    wanted = device.type == "cuda" if compiled is None else bool(compiled)
+    return wanted and device.type not in _COMPILE_FAILED
+
+
+def _padded(values: Tensor, length: int, fill: float | bool) -> Tensor:
+    """values extended to `length` entries with `fill` (the padding rows of a short last chunk)."""
+    if values.shape[0] == length:
+        return values
+    return torch.cat([values, values.new_full((length - values.shape[0],), fill)])
+
+
+def _eager_chunk(
+    logits: Tensor, probs: Tensor, targets: Tensor, valid: Tensor, tau: Tensor, row_scale: Tensor,
+    rho_term: float, need_dtau: bool, need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:  # fmt: skip
+    """The reference chunk computation, in place on `logits` and `probs` (a second chunk×V buffer)."""
+    shifted_target = _shift_by_row_max_(logits, targets)
+    torch.exp(logits, out=probs)
+    log_z1 = probs.sum(1).log()  # τ = 1 partition function, for the plain-CE metric
+    u = logits.div_(tau.unsqueeze(1))
+    torch.exp(u, out=probs)
+    partition = probs.sum(1)
+    log_z = partition.log()
+    token_loss = tau * log_z - shifted_target + rho_term * tau
+    loss_sum = torch.where(valid, token_loss, 0).sum()
+    ce_sum = torch.where(valid, log_z1 - shifted_target, 0).sum()
+    grad_tau = grad = None
+    if need_dtau:
+        entropy = log_z - _row_dot(probs, u) / partition
+        grad_tau = (entropy + rho_term) * row_scale
+    if need_grad:
+        probs.div_(partition.unsqueeze(1))
+        grad = _probs_to_grad_(probs, targets, row_scale)
+    return loss_sum, ce_sum, grad_tau, grad
+
+
+def _compiled_chunk(
+    head: _HeadPass, rows: slice, padded: tuple[Tensor, Tensor, Tensor, Tensor], rho_term: float,
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:  # fmt: skip
+    """The chunk through the compiled kernel over the full buffer; None if the kernel cannot compile
+    here (the caller then runs the eager path, as on every later call on this device type)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    head.logits(rows)
+    n = rows.stop - rows.start
+    block = slice(rows.start, rows.start + head.rows)
+    targets, valid, tau, row_scale = (t[block] for t in padded)
+    grad_out = head.grad_buffer  # None: ∂z overwrites the fp32 logits
+    try:
+        loss_sum, ce_sum, grad_tau = _compiled_chunk_kernel()(
+            head.buffer, targets, valid, tau, row_scale, rho_term, grad_out, need_grad
+        )
+    except TorchDynamoException as err:
+        logger.warning(
+            "torch.compile of the LM loss chunk kernel failed on %s (%s); using the eager path",
+            head.buffer.device.type,
+            err,
+        )
+        _COMPILE_FAILED.add(head.buffer.device.type)
+        return None
+    grad = None
+    if need_grad:
+        grad = (head.buffer if grad_out is None else grad_out)[:n]
+    return loss_sum, ce_sum, grad_tau[:n], grad
+
+
 class _FusedTempNetLM(torch.autograd.Function):
     """Loss and all gradients of the robust LM loss in one chunked pass, τ given.
 
@@ -341,39 +523,51 @@ class _FusedTempNetLM(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, tau, labels, divisor, rho, chunk_size, ignore_index, grad_enabled):
+    def forward(
+        ctx, hidden, weight, tau, labels, divisor, rho, chunk_size, ignore_index, grad_enabled, compiled
+    ):
         need_dh, need_dw, need_dtau = (grad_enabled and needed for needed in ctx.needs_input_grad[:3])
+        need_grad = need_dh or need_dw
         head = _HeadPass(hidden, weight, chunk_size, need_dh, need_dw)
         acc = head.acc
         valid_all = labels != ignore_index
         targets_all = torch.where(valid_all, labels, 0)
         tau_acc = tau.detach().to(acc)
-        log_v = math.log(weight.shape[0])
+        rho_term = rho - math.log(weight.shape[0])
         grad_tau = torch.zeros_like(tau_acc)
         loss_sum = hidden.new_zeros((), dtype=acc)
         ce_sum = hidden.new_zeros((), dtype=acc)
-        probs_buffer = hidden.new_empty(min(chunk_size, hidden.shape[0]), weight.shape[0], dtype=acc)
+        scale_all = valid_all.to(acc) / divisor
+        padded = None
+        if _use_compiled(compiled, hidden.device):
+            n = hidden.shape[0]
+            length = -(-n // head.rows) * head.rows if n else 0  # whole buffers
+            padded = (
+                _padded(targets_all, length, 0),
+                _padded(valid_all, length, False),
+                _padded(tau_acc, length, 1.0),
+                _padded(scale_all, length, 0.0),
+            )
 
+        probs_buffer = None  # the eager path's second chunk×V buffer
         for rows in head.chunks():
-            valid, targets, tau_c = valid_all[rows], targets_all[rows], tau_acc[rows]
-            row_scale = valid.to(acc) / divisor
-            logits = head.logits(rows)
-            shifted_target = _shift_by_row_max_(logits, targets)
-            probs = torch.exp(logits, out=probs_buffer[: logits.shape[0]])
-            log_z1 = probs.sum(1).log()  # τ = 1 partition function, for the plain-CE metric
-            u = logits.div_(tau_c.unsqueeze(1))
-            torch.exp(u, out=probs)
-            partition = probs.sum(1)
-            log_z = partition.log()
-            token_loss = tau_c * log_z - shifted_target + (rho - log_v) * tau_c
-            loss_sum += torch.where(valid, token_loss, 0).sum()
-            ce_sum += torch.where(valid, log_z1 - shifted_target, 0).sum()
+            out = None
+            if padded is not None and hidden.device.type not in _COMPILE_FAILED:
+                out = _compiled_chunk(head, rows, padded, rho_term, need_grad)
+            if out is None:
+                if probs_buffer is None:
+                    probs_buffer = torch.empty_like(head.buffer)
+                logits = head.logits(rows)
+                chunk = (targets_all[rows], valid_all[rows], tau_acc[rows], scale_all[rows])
+                probs = probs_buffer[: logits.shape[0]]
+                out = _eager_chunk(logits, probs, *chunk, rho_term, need_dtau, need_grad)
+            chunk_loss, chunk_ce, chunk_grad_tau, grad = out
+            loss_sum += chunk_loss
+            ce_sum += chunk_ce
             if need_dtau:
-                entropy = log_z - _row_dot(probs, u) / partition
-                grad_tau[rows] = (entropy + rho - log_v) * row_scale
-            if need_dh or need_dw:
-                probs.div_(partition.unsqueeze(1))
-                head.backprop(rows, _probs_to_grad_(probs, targets, row_scale))
+                grad_tau[rows] = chunk_grad_tau
+            if need_grad:
+                head.backprop(rows, grad)
 
         dh, dw = head.grads()
         ctx.grads = (dh, dw, grad_tau.to(tau.dtype) if need_dtau else None)
@@ -382,7 +576,7 @@ class _FusedTempNetLM(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce):
-        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None, None)
+        return (*_saved_grads_times(ctx, grad_loss), None, None, None, None, None, None, None)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
@@ -422,6 +616,7 @@ def tempnet_lm_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     ignore_index: int = -100,
     loss_scale_count: CountLike | None = None,
+    compiled: bool | None = None,
 ) -> LMLossOutput:
     """Fused, chunked robust LM loss (DESIGN §2.1): same value and gradients as
     `naive_tempnet_lm_loss`, never holding N×V logits, softmax or TempNet input.
@@ -429,8 +624,11 @@ def tempnet_lm_loss(
     hidden: [B, T, d] or [N, d] final hidden states (already shifted to align with labels); bf16 is
     fine, logits are computed with fp32 output. lm_head_weight: [V, d] (no head bias). labels: [B, T]
     or [N]. tempnet: an LMTempNet over V; in train mode its dropout is applied as usual.
-    chunk_size: tokens per chunk; memory is about two chunk_size×V fp32 buffers plus the V×d fp32
-    head-gradient accumulator.
+    chunk_size: tokens per chunk; memory is one chunk_size×V fp32 logits buffer (two on the eager
+    path; plus a bf16 one for ∂z where operands are bf16) plus the V×d fp32 head-gradient accumulator.
+    compiled: run each chunk's pointwise work through the `torch.compile`d kernel (True), the eager
+    reference (False), or decide by device (None: compile on CUDA only). A kernel that fails to
+    compile logs a warning and the eager path takes over.
 
     loss_scale_count: what the summed token losses are divided by; default the number of valid
     tokens here. Under data parallelism pass `global_valid_count / world_size`, where
@@ -457,6 +655,7 @@ def tempnet_lm_loss(
         int(chunk_size),
         ignore_index,
         torch.is_grad_enabled(),  # under no_grad (eval) skip the gradient work; needs_input_grad can't tell
+        compiled,
     )
     ce = ce_sum / num_valid.clamp_min(1)
     return LMLossOutput(loss=loss, tau=tau.detach().float(), num_valid=num_valid, ce=ce)

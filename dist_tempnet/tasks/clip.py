@@ -13,7 +13,7 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
-from dist_tempnet.data.pipeline import normalize_pixels
+from dist_tempnet.data.pipeline import normalize_pixels, pin_memory_for
 from dist_tempnet.dro_state import DROState
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.metrics import (
@@ -153,6 +153,7 @@ class CLIPTask(Task):
             resume=resume,
             caption_key=d.caption_key,
             crop_scale=tuple(d.train_crop_scale) if d.train_crop_scale else None,
+            pin_memory=pin_memory_for(self.device),  # uint8 batches, pinned, copied non_blocking
         )
 
     def units(self, batch: dict[str, Any]) -> int:

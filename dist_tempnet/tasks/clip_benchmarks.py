@@ -32,6 +32,7 @@ from dist_tempnet.data.eval_sets import (
     load_templates,
     shard_retrieval_set,
 )
+from dist_tempnet.data.pipeline import pin_memory_for
 from dist_tempnet.data.sources import is_remote
 from dist_tempnet.metrics import (
     class_text_embeddings,
@@ -74,7 +75,8 @@ def _is_image_folder(path: str) -> bool:
 
 
 def _loader(ctx: BenchmarkContext, files: list[str]) -> tuple[torch.utils.data.DataLoader, int]:
-    return image_loader(files, ctx.image_size, ctx.batch_size, ctx.num_workers, ctx.rank, ctx.world)
+    pin = pin_memory_for(ctx.device)  # uint8 batches, copied non_blocking in _embed_batches
+    return image_loader(files, ctx.image_size, ctx.batch_size, ctx.num_workers, ctx.rank, ctx.world, pin)
 
 
 def _embed_batches(ctx: BenchmarkContext, batches: Iterator[torch.Tensor]) -> torch.Tensor:
@@ -112,9 +114,7 @@ def zero_shot(ctx: BenchmarkContext, cfg: EvalConfig) -> dict[str, float]:
                 f"eval.classnames: {len(classnames)} class names for {len(dataset.classes)} "
                 f"class directories in {path}"
             )
-        loader, start = image_loader(
-            dataset.files, ctx.image_size, ctx.batch_size, ctx.num_workers, ctx.rank, ctx.world
-        )
+        loader, start = _loader(ctx, dataset.files)
         image_emb = _embed_batches(ctx, iter(loader))
         labels = torch.tensor(dataset.labels[start : start + image_emb.shape[0]], device=ctx.device)
         total = len(dataset.files)
@@ -157,9 +157,7 @@ def retrieval(ctx: BenchmarkContext, cfg: EvalConfig) -> dict[str, float]:
         and Path(path).name != "dataset.json"
     ):
         data = karpathy_split(path, cfg.retrieval_images or None, cfg.retrieval_split)
-        loader, _ = image_loader(
-            data.files, ctx.image_size, ctx.batch_size, ctx.num_workers, ctx.rank, ctx.world
-        )
+        loader, _ = _loader(ctx, data.files)
         image_batches: Iterator[torch.Tensor] = iter(loader)
     else:
         data = shard_retrieval_set(resolve_manifest(path), ctx.image_size, ctx.caption_key)

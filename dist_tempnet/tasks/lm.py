@@ -15,6 +15,7 @@ from torch import nn
 from dist_tempnet import comm
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
+from dist_tempnet.data.pipeline import pin_memory_for
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.metrics import gather_rows, lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
@@ -58,6 +59,7 @@ class LMTrainModule(nn.Module):
         rho: float,
         chunk_size: int,
         frozen_lm: bool,
+        compiled: bool | None = None,
     ) -> None:
         super().__init__()
         self.lm = lm
@@ -66,6 +68,7 @@ class LMTrainModule(nn.Module):
         self.rho = rho
         self.chunk_size = chunk_size
         self.frozen_lm = frozen_lm
+        self.compiled = compiled  # the fused loss's chunk kernel: None = torch.compile on CUDA only
 
     def forward(
         self,
@@ -98,6 +101,7 @@ class LMTrainModule(nn.Module):
             self.rho,
             chunk_size=self.chunk_size,
             loss_scale_count=loss_scale_count,
+            compiled=self.compiled,
         )
         return out.loss, out.tau
 
@@ -214,7 +218,8 @@ class LMTask(Task):
                 tau_max=lo.tau_max,
                 dropout=lo.tempnet_dropout,
             )
-        self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen)
+        compiled = {"auto": None, "true": True, "false": False}[lo.compile]
+        self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen, compiled)
         self.last_tau: tuple[torch.Tensor, torch.Tensor] | None = None  # (τ, counted), on the device
 
     # -- the task contract (tasks.base.Task) -----------------------------------------------------
@@ -251,6 +256,7 @@ class LMTask(Task):
             seed=self.cfg.run.seed,
             allow_corrupt=d.allow_corrupt,
             resume=resume,
+            pin_memory=pin_memory_for(self.device),
         )
 
     def units(self, batch: dict[str, Any]) -> int:
