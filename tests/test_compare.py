@@ -414,7 +414,7 @@ def test_sweep_parent_children_and_table(monkeypatch, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end: a real 2×2 sweep (Ray + DeepSpeed + MLflow), then `compare` on its store
+# End to end: a real 2×2 sweep (DeepSpeed + MLflow, in-process), then `compare` on its store
 
 
 @pytest.mark.slow
@@ -450,6 +450,9 @@ def test_sweep_end_to_end(tmp_path):
             *tiny,
             "--out",
             "cmp",
+            # Every point in this process: the Ray path of a training run is test_e2e's; here it
+            # would only add a Ray start and a worker group per point.
+            "--no-ray",
         ],
         cwd=tmp_path,
         env=env,
