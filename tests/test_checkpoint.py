@@ -16,7 +16,7 @@ import torch
 
 from dist_tempnet.config import load_config
 from dist_tempnet.data import clip_batches, load_text_tokenizer, make_demo_clip_dataset, resolve_manifest
-from dist_tempnet.data.pipeline import resume_position
+from dist_tempnet.data.resume import resume_position
 from tests._dist import run_distributed
 
 NUM_TRAIN, SHARD, IMAGE = 128, 16, 16  # 8 shards: 1, 2 and 4 ranks all get whole shards

@@ -30,8 +30,8 @@ from dist_tempnet.data import (
     token_batches,
     write_image_text_shards,
 )
+from dist_tempnet.data.collate import normalize_pixels
 from dist_tempnet.data.demo_clip import CLASS_NAMES, PROMPT_TEMPLATES
-from dist_tempnet.data.pipeline import normalize_pixels
 from dist_tempnet.data.shards import ShardSetWriter
 from dist_tempnet.data.text_tokenizer import (
     BPE_EOS,

@@ -308,7 +308,7 @@ def test_worker_and_benchmarks_import_without_ray_mlflow_webdataset(tmp_path):
 
 def test_clip_batches_travel_as_uint8_pinned_for_cuda_and_normalize_on_the_device(tmp_path):
     from dist_tempnet.data import make_demo_clip_dataset
-    from dist_tempnet.data.pipeline import CLIP_MEAN, CLIP_STD, normalize_pixels
+    from dist_tempnet.data.collate import CLIP_MEAN, CLIP_STD, normalize_pixels
     from dist_tempnet.tasks.clip import CLIPTask
 
     data = make_demo_clip_dataset(

@@ -7,22 +7,17 @@ pass), :func:`read_manifest`.
 """
 
 from dist_tempnet.data.chat import make_chat_shards
+from dist_tempnet.data.collate import CLIP_MEAN, CLIP_STD
 from dist_tempnet.data.demo_clip import make_demo_clip_dataset
 from dist_tempnet.data.demo_text import make_demo_text_dataset
+from dist_tempnet.data.eval_pass import EvalBatches, eval_batches
 from dist_tempnet.data.index import index_shards
+from dist_tempnet.data.loaders import clip_batches, token_batches
 from dist_tempnet.data.manifest import Manifest, ManifestError, ShardInfo, read_manifest, resolve_manifest
 from dist_tempnet.data.pairs import make_pair_shards
-from dist_tempnet.data.pipeline import (
-    CLIP_MEAN,
-    CLIP_STD,
-    BatchStream,
-    EvalBatches,
-    clip_batches,
-    eval_batches,
-    token_batches,
-)
 from dist_tempnet.data.reader import CorruptShardError
 from dist_tempnet.data.shards import write_image_text_shards
+from dist_tempnet.data.streams import BatchStream
 from dist_tempnet.data.text_tokenizer import load_text_tokenizer
 from dist_tempnet.data.tokens import make_token_shards
 

@@ -115,7 +115,7 @@ def image_loader(
     pin_memory: bool = False,
 ) -> tuple[torch.utils.data.DataLoader, int]:
     """A loader over this rank's contiguous slice of ``files``; returns (loader, slice start).
-    ``pin_memory``: uint8 batches in pinned host memory (for a CUDA device: see pipeline.pin_memory_for)."""
+    ``pin_memory``: uint8 batches in pinned host memory (for a CUDA device: see collate.pin_memory_for)."""
     start, stop = len(files) * rank // world, len(files) * (rank + 1) // world
     dataset = ImageFiles(tuple(files[start:stop]), image_size)
     loader = torch.utils.data.DataLoader(

@@ -270,7 +270,7 @@ def evaluate_exported(
     import torch.nn.functional as F
     from transformers import AutoTokenizer, CLIPModel
 
-    from dist_tempnet.data.pipeline import normalize_pixels
+    from dist_tempnet.data.collate import normalize_pixels
     from dist_tempnet.models.clip import encode_images, encode_texts
     from dist_tempnet.tasks.clip_benchmarks import BenchmarkContext, run_benchmarks
 

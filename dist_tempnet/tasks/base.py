@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dist_tempnet.config import Config
-from dist_tempnet.data.pipeline import data_position, resume_data_position
+from dist_tempnet.data.resume import data_position, resume_data_position
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
-from dist_tempnet.data.pipeline import normalize_pixels, pin_memory_for
+from dist_tempnet.data.collate import normalize_pixels, pin_memory_for
 from dist_tempnet.dro_state import DROState
 from dist_tempnet.losses.contrastive import build_contrastive_loss, gamma_schedule
 from dist_tempnet.metrics import (

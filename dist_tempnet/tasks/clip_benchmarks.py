@@ -24,6 +24,7 @@ import torch
 from dist_tempnet import comm
 from dist_tempnet.config import EvalConfig
 from dist_tempnet.data import eval_batches, resolve_manifest
+from dist_tempnet.data.collate import pin_memory_for
 from dist_tempnet.data.eval_sets import (
     image_folder,
     image_loader,
@@ -32,7 +33,6 @@ from dist_tempnet.data.eval_sets import (
     load_templates,
     shard_retrieval_set,
 )
-from dist_tempnet.data.pipeline import pin_memory_for
 from dist_tempnet.data.sources import is_remote
 from dist_tempnet.metrics import (
     class_text_embeddings,

@@ -15,7 +15,7 @@ from torch import nn
 from dist_tempnet import comm
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
-from dist_tempnet.data.pipeline import pin_memory_for
+from dist_tempnet.data.collate import pin_memory_for
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.metrics import gather_rows, lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
