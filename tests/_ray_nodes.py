@@ -10,7 +10,8 @@ in its own session, as if it were its own machine, so that a test can lose a who
 A node's processes share the session of its `ray start` (start_new_session=True): the raylet and its
 agents, and also the Ray workers, which get a process group of their own but stay in that session.
 `kill` therefore signals every process of the session, not one process group. The cluster uses its
-own temp dir and free ports, never Ray's defaults, so it never meets another Ray on this machine.
+own temp dir, and free ports wherever Ray has a fixed default, so it never meets another Ray on
+this machine.
 """
 
 from __future__ import annotations
