@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from dist_tempnet.config import load_config
+from tests._checkpoints import assert_same_final_state
 
 pytestmark = pytest.mark.slow
 
@@ -87,19 +87,6 @@ def _run(workdir: Path, name: str, fault: str = ""):
             os.environ.pop(key, None)
 
 
-def _final_state(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(consolidated fp32 module weights incl. TempNets, full DRO table) of a checkpoint."""
-    from dist_tempnet.dro_state import DROState
-    from dist_tempnet.runtime.checkpoint import read_meta, read_task_states
-    from dist_tempnet.runtime.export import consolidated_state_dict
-
-    world = read_meta(checkpoint)["world_size"]
-    states = read_task_states([checkpoint / f"rank_{r}.pt" for r in range(world)])
-    dro = DROState.from_shard_states([s["dro_state"] for s in states], 0, 1)
-    table = {name: dro.field(name) for name in dro.fields} | {"visited": dro.visited}
-    return consolidated_state_dict(checkpoint), table
-
-
 @pytest.fixture(scope="module")
 def runs(ray_session, workdir):
     t0 = time.perf_counter()
@@ -117,14 +104,7 @@ def runs(ray_session, workdir):
 def test_killed_worker_and_crashed_save_resume_to_the_same_result(workdir, runs):
     reference, faulted = runs
     assert Path(faulted.checkpoint).name == "step_00000008"
-    ref_weights, ref_dro = _final_state(Path(reference.checkpoint))
-    weights, dro = _final_state(Path(faulted.checkpoint))
-    assert ref_weights.keys() == weights.keys() and any("tempnet" in k for k in weights)
-    # Deterministic CPU run: bit-identical (the tolerance is exact equality).
-    for name, value in ref_weights.items():
-        assert torch.equal(value, weights[name]), f"{name} differs from the uninterrupted run"
-    for name, value in ref_dro.items():
-        assert torch.equal(value, dro[name]), f"DRO state {name} differs from the uninterrupted run"
+    assert_same_final_state(Path(reference.checkpoint), Path(faulted.checkpoint))
 
     from dist_tempnet.runtime.faults import seen_batches, seen_ids_by_epoch
 

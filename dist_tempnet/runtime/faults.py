@@ -1,6 +1,7 @@
 """Fault injection and sample-id logging for tests and drills (never active unless asked for).
 
-`DIST_TEMPNET_FAULT` (see `FaultPlan`) kills a rank, crashes a save or poisons the loss;
+`DIST_TEMPNET_FAULT` (see `FaultPlan`) kills a rank, crashes a save, poisons the loss or holds
+every rank at a step (while a test kills a whole node from outside);
 `DIST_TEMPNET_SEEN_IDS` (see `SeenIdsLog`) makes every rank log the sample ids it trains on, so a
 test can prove that a resumed run saw every sample exactly once. The driver forwards both
 variables to Ray workers.
@@ -42,6 +43,8 @@ _FAULT_FIELDS = {
     "nan_step": "nan_step",
     "nan_from_step": "nan_from_step",
     "nan_micro": "nan_micro",
+    "hold_step": "hold_step",
+    "hold_s": "hold_s",
 }
 
 
@@ -55,6 +58,9 @@ class FaultPlan:
       DeepSpeed and the rank files are written but before the checkpoint is marked complete;
     - `nan_step=K`: the loss of step K is NaN; `nan_from_step=K`: every loss from step K on;
       `nan_micro=M` narrows either to micro-batch M of each such step (gradient accumulation);
+    - `hold_step=S`: every rank waits after optimizer step S (the checkpoints of earlier steps are
+      registered by then) for up to `hold_s` seconds (default 600), so that a test can act from
+      outside at a known point, e.g. kill a whole node; then it trains on;
     - `once_file=PATH`: each fault fires once per rank (PATH.<fault>.rank<r> records it, with the
       time), so the restarted workers run clean.
     """
@@ -66,6 +72,8 @@ class FaultPlan:
     nan_step: int | None = None
     nan_from_step: int | None = None
     nan_micro: int | None = None
+    hold_step: int | None = None
+    hold_s: int = 600
     once_file: str = ""
 
     @classmethod
@@ -99,6 +107,10 @@ class FaultPlan:
         if self.kill_step == step and self.kill_rank == rank and self._claim("kill", rank):
             logger.info(f"fault injection: SIGKILL rank {rank} after step {step}")
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.hold_step == step and self._claim("hold", rank):
+            # The marker _claim wrote tells the test that this rank is here.
+            logger.info(f"fault injection: rank {rank} holds after step {step} for up to {self.hold_s}s")
+            time.sleep(self.hold_s)
 
     def in_save(self, step: int, rank: int) -> None:
         if self.crash_in_save_step != step or self.crash_rank not in (None, rank):
