@@ -122,6 +122,8 @@ class LossConfig:
     tempnet_dropout: float = 0.0
     tempnet_lr: float = 1.0e-4
     tempnet_weight_decay: float = 0.0
+    # TempNet is not trained for the first N steps: τ keeps its initial value while the features form.
+    tempnet_freeze_steps: int = 0
     isogclr_tau_lr: float = 1.0e-2
     chunk_size: int = 4096  # LM fused loss token chunk
     compile: str = "auto"  # LM fused loss chunk kernel via torch.compile: auto (on CUDA) | true | false
@@ -489,6 +491,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     _check(lo.init_tau > 0, source, "loss.init_tau", f"must be > 0, got {lo.init_tau}")
     _check(lo.tempnet_lr >= 0, source, "loss.tempnet_lr", f"must be >= 0, got {lo.tempnet_lr}")
+    _check(
+        lo.tempnet_freeze_steps >= 0,
+        source,
+        "loss.tempnet_freeze_steps",
+        f"must be >= 0, got {lo.tempnet_freeze_steps}",
+    )
     _check(lo.chunk_size > 0, source, "loss.chunk_size", f"must be > 0, got {lo.chunk_size}")
     lo.compile = lo.compile.lower()
     _one_of(lo.compile, ("auto", "true", "false"), source, "loss.compile")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +14,7 @@ from dist_tempnet.models.common import make_scalar_params_1d
 from dist_tempnet.models.lm import build_causal_lm, count_parameters
 from dist_tempnet.runtime.engine import deepspeed_config, lr_lambda
 from dist_tempnet.tasks.base import default_param_groups
+from tests._dist import run_distributed
 
 
 def test_scalar_params_become_1d():
@@ -56,6 +60,59 @@ def test_param_groups_and_schedule():
     assert len(groups["model"].params) == 1 and len(groups["model_no_decay"].params) == 3
     f = lr_lambda(cfg)
     assert f(0) == 0.1 and f(9) == 1.0 and abs(f(10) - 1.0) < 1e-9 and abs(f(100) - 0.1) < 1e-9
+
+
+def test_tempnet_freeze_holds_only_the_tempnet_group():
+    cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10", "loss.tempnet_freeze_steps=30"])
+    model, tempnet = lr_lambda(cfg, "model"), lr_lambda(cfg, "tempnet")
+    assert [tempnet(s) for s in (0, 29)] == [0.0, 0.0] and model(0) == 0.1 and model(29) > 0
+    assert tempnet(30) == model(30) > 0 and tempnet(99) == model(99)
+
+
+def _frozen_tempnet_worker(rank: int, world: int) -> dict:
+    """A DeepSpeed engine over a linear encoder + CLIPTempNet with loss.tempnet_freeze_steps=2: each
+    step's group lrs, then τ of fixed features and the encoder's weight after the step."""
+    from dist_tempnet.runtime.engine import build_engine, group_lrs
+    from dist_tempnet.tasks.base import ParamGroup
+    from dist_tempnet.tempnet import CLIPTempNet
+
+    os.environ["LOCAL_RANK"] = str(rank)  # DeepSpeed wants it even with a process group (a spawned child)
+    torch.manual_seed(0)
+    overrides = ["train.steps=4", "train.warmup_steps=0", "train.global_batch_size=8", "ray.num_workers=1"]
+    overrides += ["train.micro_batch_size=8", "loss.tempnet_lr=0.1", "loss.tempnet_freeze_steps=2"]
+    cfg = load_config(None, overrides)
+    module = nn.Module()
+    module.encoder, module.tempnet = nn.Linear(8, 8), CLIPTempNet(8, num_prototypes=4)
+    module.forward = lambda x: module.tempnet(nn.functional.normalize(module.encoder(x), dim=-1))
+    groups = [
+        ParamGroup("model", list(module.encoder.parameters())),
+        ParamGroup("tempnet", list(module.tempnet.parameters()), lr=cfg.loss.tempnet_lr),
+    ]
+    engine = build_engine(module, groups, cfg)
+    x = torch.randn(8, 8)
+    probe = nn.functional.normalize(torch.randn(8, 8), dim=-1)  # fixed features: τ moves only with TempNet
+    with torch.no_grad():
+        out = {"tau": [module.tempnet(probe).clone()], "weight": [module.encoder.weight.clone()], "lrs": []}
+    for _ in range(4):
+        out["lrs"].append(group_lrs(engine))
+        engine.backward((engine(x) * torch.linspace(-1, 1, 8)).sum())  # some τ pushed up, some down
+        engine.step()
+        with torch.no_grad():
+            out["tau"].append(module.tempnet(probe).clone())
+            out["weight"].append(module.encoder.weight.clone())
+    return out
+
+
+@pytest.mark.multiproc
+def test_tempnet_freeze_keeps_tau_in_a_real_engine():
+    out = run_distributed(_frozen_tempnet_worker, 1, timeout=180)[0]
+    lrs, tau, weight = out["lrs"], out["tau"], out["weight"]
+    # Steps 1 and 2 run with TempNet's lr at 0: τ keeps its initial value while the encoder learns.
+    assert [r["tempnet"] for r in lrs[:2]] == [0.0, 0.0] and lrs[0]["model"] > 0
+    assert torch.equal(tau[0], tau[1]) and torch.equal(tau[1], tau[2])
+    assert not torch.equal(weight[0], weight[1]) and not torch.equal(weight[1], weight[2])
+    # From step 3 on TempNet learns at its own lr.
+    assert lrs[2]["tempnet"] > 0 and not torch.equal(tau[2], tau[3])
 
 
 def test_deepspeed_config_accumulation_and_zero3():

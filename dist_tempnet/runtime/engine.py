@@ -17,11 +17,18 @@ from dist_tempnet.config import Config
 from dist_tempnet.tasks.base import ParamGroup
 
 
-def lr_lambda(cfg: Config):
-    """Linear warmup then cosine decay to min_lr_ratio (or constant), as a multiplier."""
+def lr_lambda(cfg: Config, group: str = ""):
+    """Linear warmup then cosine decay to min_lr_ratio (or constant), as a multiplier.
+
+    The `tempnet` group is held at 0 for the first loss.tempnet_freeze_steps steps: τ keeps its
+    initial value while the encoders' features are still noise (it would only learn to fall).
+    """
     t = cfg.train
+    frozen = cfg.loss.tempnet_freeze_steps if group == "tempnet" else 0
 
     def factor(step: int) -> float:
+        if step < frozen:
+            return 0.0
         if t.warmup_steps and step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
         if t.lr_schedule == "constant":
@@ -96,7 +103,9 @@ def build_engine(model: nn.Module, groups: list[ParamGroup], cfg: Config, load_u
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     optimizer = build_optimizer(groups, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    # One schedule per group (LambdaLR takes a list): TempNet's may hold it frozen at the start.
+    schedules = [lr_lambda(cfg, group.get("name", "")) for group in optimizer.param_groups]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
