@@ -202,3 +202,19 @@ class TauHealth:
             return []
         self.warned.add((prefix, kind))
         return [message]
+
+
+def rho_floor_warning(rho: float, candidates: int, what: str) -> str | None:
+    """A message when ρ ≥ log(candidates), else None.
+
+    τ's gradient is ∂/∂τ = ρ − KL(p_τ ‖ uniform) with fresh statistics (CLIP: p over the n − 1
+    negatives of an anchor; LM: the softmax over the V tokens), and that KL never exceeds
+    log(candidates): with ρ at or above it, every τ is pushed down to τ_min, whatever the sample.
+    """
+    if candidates < 2 or rho < math.log(candidates):
+        return None
+    return (
+        f"loss.rho={rho:g} >= log({what} = {candidates}) = {math.log(candidates):.2f}: tau's gradient "
+        f"rho - KL(p || uniform) is positive for every sample (KL <= {math.log(candidates):.2f}), so every "
+        f"tau is pushed down to loss.tau_min; choose rho well below {math.log(candidates):.2f}"
+    )

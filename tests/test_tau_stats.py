@@ -102,3 +102,13 @@ def test_tau_health_flags_a_still_tau_and_a_collapse_once():
     moving.start(logged(0.0275, 0.0275, 0.0275))
     assert moving.check(5, logged(0.010, 0.020, 0.040)) == []  # spread out: healthy
     assert moving.check(6, logged(0.0300, 0.0301, 0.0302)) == []  # moved as a whole: not "still"
+
+
+def test_rho_at_or_above_log_candidates_is_flagged():
+    from dist_tempnet.tau_stats import rho_floor_warning
+
+    # The shipped tiny configs had rho = 8: above log(127) = 4.84 (CLIP, n = 128) and log(2048) = 7.62 (LM).
+    assert "every tau is pushed down to loss.tau_min" in rho_floor_warning(8.0, 127, "negatives per anchor")
+    assert "log(vocabulary size = 2048) = 7.62" in rho_floor_warning(8.0, 2048, "vocabulary size")
+    assert rho_floor_warning(1.0, 127, "negatives per anchor") is None
+    assert rho_floor_warning(8.0, 32000, "vocabulary size") is None  # the paper's LLaMA setting

@@ -5,6 +5,7 @@ Plugs into the training loop through the `tasks.base.Task` contract.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -30,10 +31,13 @@ from dist_tempnet.tau_stats import (
     RecentSamples,
     accuracy_on_classes,
     rarest_classes,
+    rho_floor_warning,
     spearman,
     spread_metrics,
     spread_tensors,
 )
+
+logger = logging.getLogger(__name__)
 
 # How many of the most recently trained samples (per rank) τ is related to class frequency over.
 RECENT_TAU_SAMPLES = 4096
@@ -122,6 +126,10 @@ class CLIPTask(Task):
             cfg.loss.name, num_samples=self.num_samples, **loss_kwargs(cfg, self.embed_dim)
         )
         self.module = CLIPTrainModule(clip, self.loss_fn)
+        if cfg.loss.name in PER_SAMPLE_TAU and rank == 0:
+            message = rho_floor_warning(cfg.loss.rho, cfg.train.global_batch_size - 1, "negatives per anchor")
+            if message:
+                logger.warning(message)
         self._last_eval_tau: dict[str, torch.Tensor] = {}
         # Per class share of the training split, when the data says (the long-tailed demo does).
         frequency = self.train_manifest.metadata.get("class_frequency")

@@ -7,6 +7,7 @@ LLaMA2-Chat setting. loss.name=ce trains with plain (chunked) cross-entropy, the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -20,8 +21,10 @@ from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempn
 from dist_tempnet.metrics import gather_rows, lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
 from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
-from dist_tempnet.tau_stats import spearman, spread_metrics, spread_tensors
+from dist_tempnet.tau_stats import rho_floor_warning, spearman, spread_metrics, spread_tensors
 from dist_tempnet.tempnet import LMTempNet
+
+logger = logging.getLogger(__name__)
 
 # Held-out tokens (per rank) whose τ is related to predictive entropy and token frequency.
 MAX_TAU_TOKENS = 65536
@@ -220,6 +223,9 @@ class LMTask(Task):
             )
         compiled = {"auto": None, "true": True, "false": False}[lo.compile]
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen, compiled)
+        message = rho_floor_warning(lo.rho, vocab, "vocabulary size") if tempnet is not None else None
+        if message and rank == 0:
+            logger.warning(message)
         self.last_tau: tuple[torch.Tensor, torch.Tensor] | None = None  # (τ, counted), on the device
 
     # -- the task contract (tasks.base.Task) -----------------------------------------------------
