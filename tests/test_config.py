@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,35 @@ def test_embedded_default_equals_clip_tiny_yaml():
 def test_shipped_configs_validate(path):
     cfg = load_config(path)
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def _candidates(cfg: Config) -> int:
+    """How many candidates τ's softmax runs over: CLIP, the n − 1 negatives of an anchor in the global
+    batch; LM, the vocabulary (the preset's, or the demo corpus's BPE vocabulary)."""
+    import inspect
+
+    from dist_tempnet.data.demo_text import make_demo_text_dataset
+    from dist_tempnet.models.lm import LM_PRESETS
+
+    if cfg.run.task == "clip":
+        return cfg.train.global_batch_size - 1
+    vocab = LM_PRESETS[cfg.model.preset][1].get("vocab_size")
+    if vocab is None:
+        assert cfg.data.demo, f"{cfg.run.name}: a preset without a vocabulary needs the demo data here"
+        vocab = inspect.signature(make_demo_text_dataset).parameters["vocab_size"].default
+    return vocab
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_keep_rho_below_log_candidates(path):
+    """ρ ≥ log(candidates) pushes every τ to tau_min (tau_stats.rho_floor_warning): no shipped config
+    with a per-sample τ may do that; the tiny ones keep a margin of at least 2 nats."""
+    cfg = load_config(path)
+    if cfg.loss.name not in ("isogclr", "isogclr_tempnet", "tempnet") and not path.name.startswith("lm_tiny"):
+        return
+    ceiling = math.log(_candidates(cfg))
+    margin = 2.0 if "tiny" in path.name else 0.0
+    assert cfg.loss.rho < ceiling - margin, f"{path.name}: rho={cfg.loss.rho}, log(candidates)={ceiling:.2f}"
 
 
 def test_overrides_apply_with_types():
