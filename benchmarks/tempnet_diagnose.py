@@ -98,28 +98,36 @@ def run(config: str, overrides: list[str], steps: int, every: int, workdir: str)
     )
     for step in range(1, steps + 1):
         trainer.task.before_step(step - 1)
-        metrics = trainer.train_step() or {}
+        # The loop's metrics are device tensors (synced at log_every): take plain floats here.
+        metrics = {k: float(v) for k, v in (trainer.train_step() or {}).items()}
         trainer.step = step
         row = {"step": step, **probe.take()}
         tau = torch.cat([t.flatten() for t in taus]).double()
         taus.clear()
         q = torch.quantile(tau, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
         row.update({"tau_p10": q[0], "tau_p50": q[1], "tau_p90": q[2], "loss": metrics.get("loss", math.nan)})
+        # ∂F/∂τ over the batch (the loss's own statistics): > 0 everywhere pushes every τ down.
+        for k in ("min", "mean", "max"):
+            row[f"dF_dtau_{k}"] = metrics.get(f"loss/grad_tau_image_{k}", math.nan)
         rows.append(row)
         if step % every == 0 or step == 1:
             grads = {k.removeprefix("grad/"): v for k, v in row.items() if k.startswith("grad/image.")}
             shown = " ".join(f"{k.removeprefix('image.')}={v:.2e}" for k, v in grads.items())
             print(
                 f"step {step:4d} loss {row['loss']:.4f} τ p10/p50/p90 {q[0]:.5f}/{q[1]:.5f}/{q[2]:.5f} "
-                f"H/logM {row['attn_entropy']:.4f} score std {row['score_std']:.2e} | image grads {shown}",
+                f"H/logM {row['attn_entropy']:.4f} score std {row['score_std']:.2e} | dF/dτ min/mean/max "
+                f"{row['dF_dtau_min']:.2f}/{row['dF_dtau_mean']:.2f}/{row['dF_dtau_max']:.2f} | "
+                f"image grads {shown}",
                 flush=True,
             )
+    evaluation = trainer.task.evaluate(trainer.engine)
+    print("evaluation: " + ", ".join(f"{k}={v:.4g}" for k, v in evaluation.items()), flush=True)
     return rows
 
 
 def summarize(rows: list[dict], warmup: int) -> dict[str, float]:
     late = rows[warmup:] or rows
-    keys = [k for k in late[0] if k.startswith("grad/") or k in ("attn_entropy", "score_std")]
+    keys = [k for k in late[0] if k.startswith(("grad/", "dF_dtau")) or k in ("attn_entropy", "score_std")]
     out = {f"median {k}": statistics.median(r[k] for r in late) for k in keys}
     last = rows[-1]
     out |= {f"final {k}": last[k] for k in ("tau_p10", "tau_p50", "tau_p90", "attn_entropy")}

@@ -86,3 +86,23 @@ def test_gpu_suite_tiny(tmp_path):
     assert {r["variant"] for r in result["worker_loop"]} == {"ce:scratch", "tempnet:tempnet_only"}
     assert {r["source"] for r in result["clip"]} == {"random", "disk"}
     assert "| LLaMA loop | tempnet:tempnet_only | 2 |" in proc.stdout
+
+
+def test_tempnet_effect_tiny(tmp_path):
+    out = _run(
+        str(REPO / "benchmarks" / "tempnet_effect.py"),
+        "--tiny",
+        "--seeds",
+        "0",
+        "--workdir",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
+    # One sweep: the compare table of its children, then the focused table of every method.
+    assert "=== sweep tempnet-effect-" in out and "Per configuration" in out
+    assert "Does TempNet help here?" in out
+    for method in ("clip", "isogclr", "isogclr_tempnet", "ce", "tempnet"):
+        assert f"| {method} | 1 |" in out, method
+    assert (tmp_path / "out" / "tempnet_effect.md").read_text().startswith("### Does TempNet help here?")

@@ -32,6 +32,7 @@ def _clip_worker(rank: int, world: int, tmp: str):
             "train.log_every=1",
             "train.warmup_steps=0",
             "loss.tempnet_lr=0",  # a TempNet that cannot learn: its τ never moves
+            "loss.tempnet_freeze_steps=0",
             "mlflow.enabled=false",
         ],
     )
@@ -57,3 +58,14 @@ def test_tau_health_and_tau_against_class_frequency(tmp_path):
         assert -1.0 <= final[key] <= 1.0, key
     for key in ("train_tau/freq_spearman_image", "train_tau/freq_spearman_text"):
         assert -1.0 <= final[key] <= 1.0, key
+
+
+def test_tau_health_waits_for_the_frozen_tempnet():
+    """A TempNet held frozen on purpose (loss.tempnet_freeze_steps) is not "still" during the freeze."""
+    from dist_tempnet.runtime.trainer import tau_settling_steps
+
+    tempnet = load_config(REPO / "configs" / "clip_tiny_tempnet.yaml")
+    assert tempnet.loss.tempnet_freeze_steps > 0
+    assert tau_settling_steps(tempnet) == tempnet.train.warmup_steps + tempnet.loss.tempnet_freeze_steps
+    isogclr = load_config(REPO / "configs" / "clip_tiny_tempnet.yaml", ["loss.name=isogclr"])
+    assert tau_settling_steps(isogclr) == isogclr.train.warmup_steps  # no TempNet: nothing frozen

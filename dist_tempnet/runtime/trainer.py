@@ -42,6 +42,13 @@ from dist_tempnet.tau_stats import TauHealth
 logger = logging.getLogger(__name__)
 
 
+def tau_settling_steps(cfg: Config) -> int:
+    """Steps before τ health may call τ "still": the warm-up, plus the steps TempNet is held frozen
+    on purpose (loss.tempnet_freeze_steps; its lr then rises with the schedule, not from zero)."""
+    frozen = cfg.loss.tempnet_freeze_steps if cfg.loss.name in ("isogclr_tempnet", "tempnet") else 0
+    return cfg.train.warmup_steps + frozen
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 
@@ -133,7 +140,7 @@ class Trainer:
         prefixes = self.task.tau_prefixes()
         lo = cfg.loss
         self.tau_health = (
-            TauHealth(prefixes, lo.tau_min, lo.tau_max, cfg.train.warmup_steps) if prefixes else None
+            TauHealth(prefixes, lo.tau_min, lo.tau_max, tau_settling_steps(cfg)) if prefixes else None
         )
         self._warned_data = False
         # The checkpoint to continue from decides how the engine is built (universal loading after
