@@ -16,3 +16,13 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# Modules whose tests join a multi-node Ray cluster from this process. They run first: after this
+# process has started (and shut down) a local Ray, Ray Train V2's controller on a newly joined cluster
+# is cancelled before it starts ("The actor never ran"), which a fresh process never sees.
+JOIN_A_CLUSTER_FIRST = ("test_multinode.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in JOIN_A_CLUSTER_FIRST)
