@@ -99,10 +99,14 @@ def iter_document_texts(documents: Sequence[DocumentRef], text_field: str = "tex
         yield text_of(record, field, doc.name)
 
 
-def choose_heldout(num_documents: int, heldout_fraction: float, seed: int) -> set[int]:
-    """Indices of the held-out documents: round(fraction * n), at least 1 and at most n - 1."""
+def _check_heldout_fraction(heldout_fraction: float) -> None:
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
+
+
+def choose_heldout(num_documents: int, heldout_fraction: float, seed: int) -> set[int]:
+    """Indices of the held-out documents: round(fraction * n), at least 1 and at most n - 1."""
+    _check_heldout_fraction(heldout_fraction)
     if heldout_fraction == 0.0:
         return set()
     if num_documents < 2:
@@ -299,10 +303,9 @@ def write_token_dataset(
         raise ValueError("no documents in the given inputs")
     # split -> (documents, encoder); the held-out split first: it is the one likely to be too short.
     splits: dict[str, tuple[list[DocumentRef], Encoder]] = {}
+    _check_heldout_fraction(heldout_fraction)
     if heldout_fraction and len(documents) * heldout_fraction < 1:
         heldout_by = "document_tail"
-        if not 0.0 < heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
         splits[HELDOUT_SPLIT] = (documents, _tail_of_each(encode, heldout_fraction, tail=True))
         splits[TRAIN_SPLIT] = (documents, _tail_of_each(encode, heldout_fraction, tail=False))
     else:
