@@ -120,6 +120,8 @@ class LossConfig:
     num_prototypes: int = 256
     tempnet_hidden: int = 256
     tempnet_dropout: float = 0.0
+    # Initial temperature of TempNet's readout softmax; empty: the paper's (0.01 for CLIP, 1.0 for the LM).
+    tempnet_readout_temperature: float | None = None
     tempnet_lr: float = 1.0e-4
     tempnet_weight_decay: float = 0.0
     # TempNet is not trained for the first N steps: τ keeps its initial value while the features form.
@@ -491,6 +493,12 @@ def validate(cfg: Config, source: str = "config") -> None:
     )
     _check(lo.init_tau > 0, source, "loss.init_tau", f"must be > 0, got {lo.init_tau}")
     _check(lo.tempnet_lr >= 0, source, "loss.tempnet_lr", f"must be >= 0, got {lo.tempnet_lr}")
+    _check(
+        lo.tempnet_readout_temperature is None or lo.tempnet_readout_temperature > 0,
+        source,
+        "loss.tempnet_readout_temperature",
+        f"must be > 0 (or empty for the paper's default), got {lo.tempnet_readout_temperature}",
+    )
     _check(
         lo.tempnet_freeze_steps >= 0,
         source,

@@ -12,6 +12,7 @@ bf16 has only 8 bits of mantissa, so a bf16 τ would take a handful of distinct 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -48,17 +49,21 @@ class _Readout(nn.Module):
     """τ = (τ_max − τ_min)·sigmoid(wᵀ((softmax(p / e^s) − 1/M) ⊙ v) + b) + τ_min.
 
     Shared by both TempNets: an attention over M prototype/hidden scores p decides which of the
-    values v push the temperature up or down. w = 1, b = 0 at init, as in the paper.
+    values v push the temperature up or down. w = 1, b = 0 at init, as in the paper; e^s starts at
+    `temperature`. While the attention is near uniform the first term is ~0 and only b (which moves
+    every τ alike) learns, so the initial temperature decides whether τ can differ between inputs.
     """
 
-    def __init__(self, width: int, tau_min: float, tau_max: float) -> None:
+    def __init__(self, width: int, tau_min: float, tau_max: float, temperature: float = 1.0) -> None:
         super().__init__()
         if not 0 < tau_min < tau_max:
             raise ValueError(f"TempNet needs 0 < tau_min < tau_max, got tau_min={tau_min}, tau_max={tau_max}")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"TempNet's readout temperature must be a finite number > 0, got {temperature}")
         self.width = width
         self.tau_min = float(tau_min)
         self.tau_max = float(tau_max)
-        self.log_scale = nn.Parameter(torch.zeros(1))
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(temperature)))
         self.out = nn.Linear(width, 1)
         nn.init.ones_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -88,9 +93,9 @@ class _TempNet(nn.Module):
 class LMTempNet(_TempNet):
     """Per-token temperature from the token's logits (DESIGN §2.1).
 
-    x = normalize(z); h = W2·σ(W1 x) (dropout after σ); τ = readout(h, h).
-    `first` (W1, V→hidden) is exposed separately because the fused loss applies it without ever
-    forming normalize(z): W1·normalize(z) = (W1·W_U)·h / ‖z‖.
+    x = normalize(z); h = W2·σ(W1 x) (dropout after σ); τ = readout(h, h), its softmax at temperature
+    1 at init (the paper's LM code). `first` (W1, V→hidden) is exposed separately because the fused
+    loss applies it without ever forming normalize(z): W1·normalize(z) = (W1·W_U)·h / ‖z‖.
     """
 
     def __init__(
@@ -100,6 +105,7 @@ class LMTempNet(_TempNet):
         tau_min: float = 0.01,
         tau_max: float = 1.5,
         dropout: float = 0.5,
+        readout_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -107,7 +113,7 @@ class LMTempNet(_TempNet):
         self.first = nn.Linear(vocab_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.second = nn.Linear(hidden_size, hidden_size)
-        self.readout = _Readout(hidden_size, tau_min, tau_max)
+        self.readout = _Readout(hidden_size, tau_min, tau_max, readout_temperature)
 
     def tau_from_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
         """τ (fp32) given W1·normalize(z) + b1 (shape [N, hidden])."""
@@ -125,6 +131,9 @@ class CLIPTempNet(_TempNet):
     """Per-sample temperature from an L2-normalized image or text feature (DESIGN §2.2).
 
     x = dropout(σ(W e)); p = x·normalize(P)ᵀ for M learnable prototypes P; τ = readout(p, σ(p)).
+    The readout's softmax starts at temperature 0.01, as in the paper's CLIP code (its `scaler` is
+    initialized to log 0.01): the scores p differ between prototypes by ~0.1, so at temperature 1 the
+    attention is uniform to 1% (H/log M = 0.99 measured) and τ can only move as a whole.
     """
 
     def __init__(
@@ -134,6 +143,7 @@ class CLIPTempNet(_TempNet):
         tau_min: float = 0.005,
         tau_max: float = 0.05,
         dropout: float = 0.0,
+        readout_temperature: float = 0.01,
     ) -> None:
         super().__init__()
         self.embed_dim = embed_dim
@@ -141,7 +151,7 @@ class CLIPTempNet(_TempNet):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
         self.prototypes = nn.Parameter(torch.randn(num_prototypes, embed_dim) / embed_dim**0.5)
-        self.readout = _Readout(num_prototypes, tau_min, tau_max)
+        self.readout = _Readout(num_prototypes, tau_min, tau_max, readout_temperature)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         with fp32_math(features.device):

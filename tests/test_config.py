@@ -94,6 +94,8 @@ def test_overrides_apply_with_types():
         ("train.betas=[0.9]", "train.betas"),
         ("data.demo_class_zipf=-1", "data.demo_class_zipf"),
         ("data.demo_caption_noise=1.5", "data.demo_caption_noise"),
+        ("loss.tempnet_readout_temperature=0", "loss.tempnet_readout_temperature"),
+        ("loss.tempnet_readout_temperature=-0.01", "loss.tempnet_readout_temperature"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -69,3 +69,64 @@ def test_tau_health_waits_for_the_frozen_tempnet():
     assert tau_settling_steps(tempnet) == tempnet.train.warmup_steps + tempnet.loss.tempnet_freeze_steps
     isogclr = load_config(REPO / "configs" / "clip_tiny_tempnet.yaml", ["loss.name=isogclr"])
     assert tau_settling_steps(isogclr) == isogclr.train.warmup_steps  # no TempNet: nothing frozen
+
+
+def _readout_entropy(net, features):
+    """H(attention)/log M of a CLIPTempNet's readout for these features (1 = uniform)."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        x = torch.sigmoid(net.proj(features))
+        p = x @ F.normalize(net.prototypes, dim=-1).t()
+        attn = torch.softmax(p / net.readout.log_scale.exp(), dim=-1)
+        entropy = -(attn * attn.clamp_min(1e-30).log()).sum(-1).mean()
+    return float(entropy) / math.log(net.num_prototypes)
+
+
+def test_clip_readout_starts_at_the_papers_temperature_and_is_not_uniform():
+    """The paper's CLIP TempNet starts its readout softmax at temperature 0.01 (its `scaler` is
+    log 0.01). At temperature 1 the attention over 256 prototypes is uniform to 1%, so only the
+    readout's bias learns and every τ moves alike (README, "Why τ did not move")."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from dist_tempnet import CLIPTempNet, LMTempNet
+
+    torch.manual_seed(0)
+    features = F.normalize(torch.randn(256, 64), dim=-1)
+    paper = CLIPTempNet(64)
+    assert paper.readout.log_scale.item() == pytest.approx(math.log(0.01))
+    assert _readout_entropy(paper, features) < 0.5
+    flat = CLIPTempNet(64, readout_temperature=1.0)
+    assert _readout_entropy(flat, features) > 0.95
+    # The LM TempNet's readout starts at 1, as in the paper's LM code.
+    assert LMTempNet(32, hidden_size=8).readout.log_scale.item() == 0.0
+    with pytest.raises(ValueError, match="readout temperature"):
+        CLIPTempNet(64, readout_temperature=0.0)
+
+
+def test_readout_temperature_from_the_config_reaches_both_tasks_tempnets(tmp_path):
+    """`loss.tempnet_readout_temperature` reaches the CLIP loss's two TempNets and the LM's TempNet;
+    unset, each keeps the paper's default."""
+    import math
+
+    from dist_tempnet.tasks.base import readout_temperature
+    from dist_tempnet.tasks.clip import loss_kwargs
+
+    clip = load_config(REPO / "configs" / "clip_tiny_longtail.yaml")
+    assert clip.loss.tempnet_readout_temperature is None and readout_temperature(clip.loss) == {}
+    set_ = load_config(
+        REPO / "configs" / "clip_tiny_longtail.yaml", ["loss.tempnet_readout_temperature=0.05"]
+    )
+    kwargs = loss_kwargs(set_, embed_dim=16)
+    assert kwargs["readout_temperature"] == 0.05
+    from dist_tempnet.losses.contrastive import build_contrastive_loss
+
+    loss = build_contrastive_loss("isogclr_tempnet", 8, **kwargs)
+    for net in (loss.image_tempnet, loss.text_tempnet):
+        assert net.readout.log_scale.item() == pytest.approx(math.log(0.05))

@@ -644,7 +644,7 @@ class ISogCLRLoss(_DROContrastiveLoss):
 # ------------------------------------------------------------------------------------------ factory
 
 
-_TEMPNET_KEYS = ("embed_dim", "num_prototypes", "tau_min", "tau_max", "dropout")
+_TEMPNET_KEYS = ("embed_dim", "num_prototypes", "tau_min", "tau_max", "dropout", "readout_temperature")
 
 
 def _build_tempnet_loss(num_samples: int, cfg: dict) -> GlobalDROContrastiveLoss:
@@ -665,7 +665,8 @@ def build_contrastive_loss(name: str, num_samples: int, **cfg) -> nn.Module:
     """Build a contrastive loss by name: clip | sogclr | isogclr | isogclr_tempnet.
 
     `cfg` holds the constructor's keyword arguments. For isogclr_tempnet, pass either the two TempNet
-    modules or the CLIPTempNet arguments (embed_dim, num_prototypes, tau_min, tau_max, dropout).
+    modules or the CLIPTempNet arguments (embed_dim, num_prototypes, tau_min, tau_max, dropout,
+    readout_temperature).
     `num_samples` is ignored by clip.
     """
     builders = {

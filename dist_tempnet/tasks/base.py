@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_tempnet.config import Config
+from dist_tempnet.config import Config, LossConfig
 from dist_tempnet.data.resume import data_position, resume_data_position
 
 
@@ -137,3 +137,9 @@ class Task:
 
     def evaluate(self, engine) -> dict[str, float]:
         raise NotImplementedError
+
+
+def readout_temperature(loss: LossConfig) -> dict[str, float]:
+    """TempNet's readout-temperature keyword, only when the config sets one (else the net's default)."""
+    t = loss.tempnet_readout_temperature
+    return {} if t is None else {"readout_temperature": t}

@@ -25,7 +25,7 @@ from dist_tempnet.metrics import (
     zero_shot_predictions,
 )
 from dist_tempnet.models.clip import build_clip_model, encode_images, encode_texts
-from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
+from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups, readout_temperature
 from dist_tempnet.tasks.clip_benchmarks import BenchmarkContext, run_benchmarks
 from dist_tempnet.tau_stats import (
     RecentSamples,
@@ -401,11 +401,15 @@ def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:
             "tau_max": lo.tau_max,
             "tau_lr": lo.isogclr_tau_lr,
         }
-    return common | {
-        "rho": lo.rho,
-        "embed_dim": embed_dim,
-        "num_prototypes": lo.num_prototypes,
-        "tau_min": lo.tau_min,
-        "tau_max": lo.tau_max,
-        "dropout": lo.tempnet_dropout,
-    }
+    return (
+        common
+        | {
+            "rho": lo.rho,
+            "embed_dim": embed_dim,
+            "num_prototypes": lo.num_prototypes,
+            "tau_min": lo.tau_min,
+            "tau_max": lo.tau_max,
+            "dropout": lo.tempnet_dropout,
+        }
+        | readout_temperature(lo)
+    )

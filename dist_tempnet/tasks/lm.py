@@ -20,7 +20,7 @@ from dist_tempnet.data.collate import pin_memory_for
 from dist_tempnet.losses.lm import chunked_cross_entropy, tempnet_lm_loss, tempnet_tau_from_hidden
 from dist_tempnet.metrics import gather_rows, lockstep, perplexity
 from dist_tempnet.models.lm import build_causal_lm
-from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups
+from dist_tempnet.tasks.base import ParamGroup, StepResult, Task, default_param_groups, readout_temperature
 from dist_tempnet.tau_stats import rho_floor_warning, spearman, spread_metrics, spread_tensors
 from dist_tempnet.tempnet import LMTempNet
 
@@ -220,6 +220,7 @@ class LMTask(Task):
                 tau_min=lo.tau_min,
                 tau_max=lo.tau_max,
                 dropout=lo.tempnet_dropout,
+                **readout_temperature(lo),
             )
         compiled = {"auto": None, "true": True, "false": False}[lo.compile]
         self.module = LMTrainModule(lm, tempnet, lo.name, lo.rho, lo.chunk_size, frozen, compiled)
