@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_tempnet import metric_names as names
+
 COMPARISON_TAG = "dist_tempnet.comparison"
 SWEEP_TAG = "dist_tempnet.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 MISSING = "-"
 
 # Metrics whose whole history is fetched (for plots and throughput); the rest use the final value.
-_HISTORY_PREFIXES = ("loss", "tau/", "eval/", "samples_per_s", "tokens_per_s")
+_HISTORY_PREFIXES = (names.LOSS, names.TAU, names.TAU_SIDE, names.EVAL, names.THROUGHPUT)
 # Params that differ between the seeds of one configuration, or that only name/locate the run:
 # ignored when deciding which runs are repeats of the same configuration.
 _NOT_CONFIG_PARAMS = (
