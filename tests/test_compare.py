@@ -46,9 +46,9 @@ def _tau(step_values: list[tuple[int, float, float, float]]) -> dict[str, list[t
     out: dict[str, list[tuple[int, float]]] = {}
     for step, lo, mean, hi in step_values:
         for side in ("image", "text"):
-            out.setdefault(f"tau/{side}_min", []).append((step, lo))
-            out.setdefault(f"tau/{side}_mean", []).append((step, mean))
-            out.setdefault(f"tau/{side}_max", []).append((step, hi))
+            out.setdefault(f"train/tau/{side}_min", []).append((step, lo))
+            out.setdefault(f"train/tau/{side}_mean", []).append((step, mean))
+            out.setdefault(f"train/tau/{side}_max", []).append((step, hi))
         out.setdefault("tau/mean", []).append((step, mean))
     return out
 
