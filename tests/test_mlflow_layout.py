@@ -105,3 +105,13 @@ def test_run_page_opens_on_loss_eval_tau_throughput(tmp_path):
 def test_keep_best_metric_with_an_old_name_is_refused(old):
     with pytest.raises(ConfigError, match=r"checkpoint\.keep_best_metric.*is now logged as"):
         load_config(None, [f"checkpoint.keep_best_metric={old}"])
+
+
+def test_compare_reads_runs_logged_with_the_old_names():
+    from dist_tempnet.reporting.runs import canonical_metric_name
+
+    assert canonical_metric_name("loss") == "batch/loss"
+    assert canonical_metric_name("samples_per_s") == "throughput/samples_per_s"
+    assert canonical_metric_name("tau/image_mean") == "train/tau/image_mean"
+    assert canonical_metric_name("tau/image_p50") == "tau/image_p50"  # not renamed
+    assert canonical_metric_name("eval/i2t_recall_at_1") == "eval/i2t_recall@1"

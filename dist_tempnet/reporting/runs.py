@@ -155,7 +155,9 @@ _RECALL_SPELLING = re.compile(r"recall(?:@|_at_?|_|-|\.)(\d+)$")
 
 
 def canonical_metric_name(key: str) -> str:
-    return _RECALL_SPELLING.sub(r"recall@\1", key)
+    """The name compare uses for a stored metric: recall@k, and a name logged before the layout of
+    metric_names.py (e.g. `loss`, `samples_per_s`) under its current one, so older runs compare too."""
+    return _RECALL_SPELLING.sub(r"recall@\1", names.renamed(key) or key)
 
 
 def mlflow_metric_name(key: str) -> str:
