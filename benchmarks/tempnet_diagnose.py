@@ -77,6 +77,7 @@ class Probe:
 def run(config: str, overrides: list[str], steps: int, every: int, workdir: str) -> list[dict]:
     import torch
 
+    from dist_tempnet import metric_names as names
     from dist_tempnet.config import load_config
     from dist_tempnet.data.prepare import absolutize_paths, prepare_data
     from dist_tempnet.runtime.checkpoint import LocalSink
@@ -105,10 +106,12 @@ def run(config: str, overrides: list[str], steps: int, every: int, workdir: str)
         tau = torch.cat([t.flatten() for t in taus]).double()
         taus.clear()
         q = torch.quantile(tau, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)).tolist()
-        row.update({"tau_p10": q[0], "tau_p50": q[1], "tau_p90": q[2], "loss": metrics.get("loss", math.nan)})
+        row.update(
+            {"tau_p10": q[0], "tau_p50": q[1], "tau_p90": q[2], "loss": metrics.get(names.LOSS, math.nan)}
+        )
         # ∂F/∂τ over the batch (the loss's own statistics): > 0 everywhere pushes every τ down.
         for k in ("min", "mean", "max"):
-            row[f"dF_dtau_{k}"] = metrics.get(f"loss/grad_tau_image_{k}", math.nan)
+            row[f"dF_dtau_{k}"] = metrics.get(f"{names.LOSS_INTERNALS}grad_tau_image_{k}", math.nan)
         rows.append(row)
         if step % every == 0 or step == 1:
             grads = {k.removeprefix("grad/"): v for k, v in row.items() if k.startswith("grad/image.")}

@@ -112,7 +112,7 @@ def clip_value(metrics: dict[str, float], key: str) -> float | None:
         for name in (f"eval/tau_image_{q}", f"train_tau/image_{q}"):
             if name in metrics:
                 return metrics[name]
-        return metrics.get("tau/image_mean")
+        return metrics.get("train/tau/image_mean")
     if key == "tau_freq_spearman":
         return metrics.get("eval/tau_freq_spearman_image", metrics.get("train_tau/freq_spearman_image"))
     return metrics.get(key)

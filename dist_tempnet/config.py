@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from dist_tempnet.metric_names import renamed
+
 
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or inconsistent with another."""
@@ -441,6 +443,13 @@ def validate(cfg: Config, source: str = "config") -> None:
         f"must be >= 1, got {cfg.checkpoint.keep_last}",
     )
     _one_of(cfg.checkpoint.keep_best_mode, ("max", "min"), source, "checkpoint.keep_best_mode")
+    new_name = renamed(cfg.checkpoint.keep_best_metric)
+    _check(
+        new_name is None,
+        source,
+        "checkpoint.keep_best_metric",
+        f"the metric {cfg.checkpoint.keep_best_metric!r} is now logged as {new_name!r}; use that name",
+    )
     _check(cfg.eval.every >= 0, source, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     _check(cfg.data.num_workers >= 0, source, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
     _check(bool(cfg.data.path), source, "data.path", "must name a dataset directory")

@@ -67,7 +67,7 @@ def _chat_worker(rank: int, world: int, model: str, data: str, tmp: str):
     for _ in range(STEPS):
         metrics = trainer.train_step()
         assert metrics is not None
-        step_losses.append(metrics["loss"])
+        step_losses.append(metrics["batch/loss"])
     return {
         "lm_dtype": str(next(module.lm.parameters()).dtype),
         "lm_identical": all(torch.equal(lm_before[k], v) for k, v in module.lm.state_dict().items()),

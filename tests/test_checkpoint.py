@@ -446,7 +446,7 @@ def test_mlflow_down_mid_run_and_nonfinite_guard(clip_data, tmp_path):
     (out,) = run_distributed(_guard_worker, 1, str(clip_data), str(tmp_path), uri, run_id, dead, timeout=300)
     assert out["final"]["train_time_s"] > 0 and out["warnings"], "training completes and warns"
     assert out["pending"] > 0, "metrics logged while the server was down stay buffered"
-    assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == [1, 2]
+    assert sorted(m.step for m in client.get_metric_history(run_id, "batch/loss")) == [1, 2]
     assert "2 consecutive non-finite steps" in out["nan_error"] and out["nan_step"] == 4
     from dist_tempnet.runtime.checkpoint import latest_checkpoint
 

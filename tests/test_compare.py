@@ -46,9 +46,9 @@ def _tau(step_values: list[tuple[int, float, float, float]]) -> dict[str, list[t
     out: dict[str, list[tuple[int, float]]] = {}
     for step, lo, mean, hi in step_values:
         for side in ("image", "text"):
-            out.setdefault(f"tau/{side}_min", []).append((step, lo))
-            out.setdefault(f"tau/{side}_mean", []).append((step, mean))
-            out.setdefault(f"tau/{side}_max", []).append((step, hi))
+            out.setdefault(f"train/tau/{side}_min", []).append((step, lo))
+            out.setdefault(f"train/tau/{side}_mean", []).append((step, mean))
+            out.setdefault(f"train/tau/{side}_max", []).append((step, hi))
         out.setdefault("tau/mean", []).append((step, mean))
     return out
 
@@ -84,8 +84,8 @@ def _clip_metrics(
     loss_end: float, zs: float, r1: float, tau_end: float
 ) -> dict[str, list[tuple[int, float]]]:
     return {
-        "loss": [(10, 3.0), (20, loss_end)],
-        "samples_per_s": [(10, 50.0), (20, 200.0)],  # the first window is left out of the mean
+        "batch/loss": [(10, 3.0), (20, loss_end)],
+        "throughput/samples_per_s": [(10, 50.0), (20, 200.0)],  # the first window is left out of the mean
         "eval/zero_shot_acc": [(20, zs)],
         "eval/zero_shot_chance": [(20, 0.1)],
         # '@' is not allowed in MLflow metric names: the two spellings training may use.
@@ -166,7 +166,7 @@ def store(tmp_path_factory):
             "FAILED",
             600,
             630,
-            {"loss": [(10, 2.5)], **_tau([(10, 0.01, 0.03, 0.05)])},
+            {"batch/loss": [(10, 2.5)], **_tau([(10, 0.01, 0.03, 0.05)])},
             _params("isogclr_tempnet", 1),
             parent,
         ),
@@ -180,7 +180,7 @@ def store(tmp_path_factory):
             "FINISHED",
             700,
             710,
-            {"loss": [(5, 4.0)]},
+            {"batch/loss": [(5, 4.0)]},
             _params("sogclr", 0, steps=5),
         ),
     }
@@ -373,8 +373,12 @@ def _stub_training(cfg, use_ray: bool = True):
         tracker.terminate("FAILED")
         raise RuntimeError("worker died")
     base = 1.0 if cfg.loss.name == "clip" else 0.5
-    tracker.log_metrics({"loss": base + cfg.run.seed, "tau/mean": 0.02, "samples_per_s": 10.0}, 1)
-    tracker.log_metrics({"loss": base + cfg.run.seed / 10, "eval/zero_shot_acc": 0.1 * (cfg.run.seed + 1)}, 2)
+    tracker.log_metrics(
+        {"batch/loss": base + cfg.run.seed, "tau/mean": 0.02, "throughput/samples_per_s": 10.0}, 1
+    )
+    tracker.log_metrics(
+        {"batch/loss": base + cfg.run.seed / 10, "eval/zero_shot_acc": 0.1 * (cfg.run.seed + 1)}, 2
+    )
     tracker.terminate("FINISHED")
     return RunSummary(run_id, uri)
 

@@ -42,8 +42,8 @@ def test_skipped_samples_and_shards_reach_mlflow(tmp_path):
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("data")).info.run_id
     run_distributed(_train, 1, str(data), str(tmp_path / "runs"), uri, run_id, timeout=600)
-    samples = client.get_metric_history(run_id, "data/skipped_samples")
-    shards = client.get_metric_history(run_id, "data/skipped_shards")
+    samples = client.get_metric_history(run_id, "train/data/skipped_samples")
+    shards = client.get_metric_history(run_id, "train/data/skipped_shards")
     last = max(samples, key=lambda m: m.step)
     assert max(m.value for m in shards) >= 2, "both truncated shards are counted"
     assert last.value >= 2 * 6, "each truncated shard loses its unread half, not one sample"

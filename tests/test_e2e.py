@@ -82,15 +82,18 @@ def test_clip_job_through_ray_deepspeed_mlflow(ray_session, workdir, zero_stage,
     assert run.data.tags["zero_stage"] == str(zero_stage) and run.data.tags["world_size"] == "2"
     assert run.data.tags["method"] == loss and len(run.data.tags["git_commit"]) > 0
     assert run.data.params["train.steps"] == "6"
-    history = client.get_metric_history(summary.run_id, "loss")
+    history = client.get_metric_history(summary.run_id, "batch/loss")
     assert [m.step for m in history] == [2, 4, 6]
     assert all(torch.isfinite(torch.tensor(m.value)) for m in history)
-    assert "eval/zero_shot_acc" in run.data.metrics and "samples_per_s" in run.data.metrics
+    assert "eval/zero_shot_acc" in run.data.metrics and "throughput/samples_per_s" in run.data.metrics
     ckpt = Path(run.data.tags["checkpoint_uri"])
     assert (ckpt / "COMPLETE").is_file() and (ckpt / "rank_0.pt").is_file() and (ckpt / "rank_1.pt").is_file()
     assert (ckpt / "deepspeed").is_dir()
     if loss == "isogclr_tempnet":
-        assert "tau/image_mean" in run.data.metrics and "loss/log_u_image_mean" in run.data.metrics
+        assert (
+            "train/tau/image_mean" in run.data.metrics
+            and "train/loss_internals/log_u_image_mean" in run.data.metrics
+        )
         rank0 = torch.load(ckpt / "rank_0.pt", weights_only=False)
         assert "dro_state" in rank0["task"]
         artifacts = {a.path for a in client.list_artifacts(summary.run_id)}

@@ -126,7 +126,7 @@ def test_failures_are_logged_in_the_same_mlflow_run(workdir, runs):
     assert run.data.metrics["resume_count"] == 2 and run.data.tags["resume_kind"] == "restart"
     assert "restarted after a failure" in run.data.tags["last_failure"]
     assert [m.value for m in client.get_metric_history(faulted.run_id, "resumed_from_step")] == [4, 4]
-    loss_steps = sorted({m.step for m in client.get_metric_history(faulted.run_id, "loss")})
+    loss_steps = sorted({m.step for m in client.get_metric_history(faulted.run_id, "batch/loss")})
     assert loss_steps == list(range(1, 9))  # metrics continue at the right step
     resumed = sorted(
         m.value for m in client.get_metric_history(faulted.run_id, "first_step_after_resume_unix")
@@ -163,7 +163,7 @@ def test_manual_resume_trains_longer_on_one_worker_and_exports(workdir, runs):
     run = client.get_run(faulted.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["resume_count"] == 3
     assert run.data.tags["resume_kind"] == "manual" and run.data.metrics["resume_world_size"] == 1
-    assert max(m.step for m in client.get_metric_history(faulted.run_id, "loss")) == 10
+    assert max(m.step for m in client.get_metric_history(faulted.run_id, "batch/loss")) == 10
     checkpoint = Path(run.data.tags["checkpoint_uri"])
     assert checkpoint.name == "step_00000010" and checkpoint.parent.name == "faulted-resume1"
     exported = export_checkpoint(checkpoint, workdir / "export")

@@ -211,7 +211,7 @@ def test_lm_micro_steps_make_no_host_sync():
     # transformers 5.24 checks for packed sequences with one `if tensor.all()` per forward when there
     # is neither an attention mask nor a KV cache (use_cache=False); nothing else syncs.
     assert counter.where == ["masking_utils.py:find_packed_sequence_indices"] * 3, counter.where
-    assert set(total) == {"loss", "tau/mean", "tau/min", "tau/max"}
+    assert set(total) == {"batch/loss", "tau/mean", "tau/min", "tau/max"}
     assert all(isinstance(v, torch.Tensor) for v in total.values())
 
 
@@ -236,7 +236,7 @@ def test_clip_dro_micro_steps_make_no_host_sync():
     # device assertion. Nothing else syncs: no torch.unique, no boolean-mask indexing, no .item().
     syncs = [w for w in counter.where if w != "dro_state.py:_check_ids"]
     assert syncs == [], syncs
-    assert "loss/objective" in total and "tau/image_min" in total
+    assert "train/loss_internals/objective" in total and "train/tau/image_min" in total
     # The loss did update the DRO state (the sync-free update path really ran).
     assert int(loss_fn.dro_state.visited.sum()) > 0
 

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dist_tempnet"
 # (layer rank, what the modules of that layer are); a higher rank may import a lower or equal one.
 LAYERS = {
     "config": 0,
+    "metric_names": 0,  # the logged metric names (torch-free)
     "comm": 1,
     "tempnet": 1,
     "dro_state": 1,

@@ -26,7 +26,7 @@ def _loss_steps(client: MlflowClient, experiment: str) -> list[int]:
     try:
         exp = client.get_experiment_by_name(experiment)
         runs = client.search_runs([exp.experiment_id]) if exp else []
-        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] if runs else []
+        return [m.step for m in client.get_metric_history(runs[0].info.run_id, "batch/loss")] if runs else []
     except Exception:  # noqa: BLE001 - the server is busy or starting
         return []
 
@@ -74,7 +74,9 @@ def test_mlflow_killed_mid_run_then_replayed(tmp_path):
         assert cli.main(["mlflow-replay", str(spool)]) == 0
         (run,) = client.search_runs([client.get_experiment_by_name("outage").experiment_id])
         run_id = run.info.run_id
-        assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, STEPS + 1))
+        assert sorted(m.step for m in client.get_metric_history(run_id, "batch/loss")) == list(
+            range(1, STEPS + 1)
+        )
         assert run.info.status == "FINISHED" and run.data.tags["status_detail"] == "finished"
         assert Path(run.data.tags["checkpoint_uri"]).name == f"step_{STEPS:08d}"
         assert "eval/i2t_recall_at_1" in run.data.metrics and "train_time_s" in run.data.metrics
@@ -82,8 +84,15 @@ def test_mlflow_killed_mid_run_then_replayed(tmp_path):
         # As the UI shows it: opens on runs (not the GenAI overview); each quantity once.
         assert client.get_experiment_by_name("outage").tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
         names = set(run.data.metrics)
-        assert {"tau/image_mean", "tau/text_max", "data/skipped_samples", "samples_per_s"} <= names
-        assert not [n for n in names if n.startswith("loss/tau") or n in ("loss/gamma", "loss/rho")], names
+        assert {
+            "train/tau/image_mean",
+            "train/tau/text_max",
+            "train/data/skipped_samples",
+            "throughput/samples_per_s",
+        } <= names
+        assert not [
+            n for n in names if n.startswith("train/loss_internals/tau") or n.endswith(("/gamma", "/rho"))
+        ], names
     finally:
         if proc.poll() is None:
             proc.kill()

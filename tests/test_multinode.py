@@ -160,7 +160,7 @@ def test_node_loss_continues_on_a_replacement_node_to_the_same_result(
     assert len(runs) == 1, "the resume must continue the run, not open another"
     assert run.data.metrics["resume_count"] == 1 and run.data.tags["resume_kind"] == "restart"
     assert [m.value for m in client.get_metric_history(lossy.run_id, "resumed_from_step")] == [EVERY]
-    loss_steps = sorted({m.step for m in client.get_metric_history(lossy.run_id, "loss")})
+    loss_steps = sorted({m.step for m in client.get_metric_history(lossy.run_id, "batch/loss")})
     assert loss_steps == list(range(1, STEPS + 1))
     placed = _node_ids(lossy)  # tagged again by the restarted workers
     assert sorted(placed) == sorted([node_a.node_id, lost["replacement"].node_id]), placed

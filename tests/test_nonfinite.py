@@ -83,7 +83,7 @@ def _nan_worker(rank: int, world: int, data: str, root: str, setups: list, nan_r
         after = _state(trainer.engine)
         out["trained_after"] = any(not torch.equal(before[k], after[k]) for k in before if k.startswith("w/"))
         out["finite_after"] = all(torch.isfinite(v).all() for v in after.values())
-        out["final_loss"] = final["loss"]
+        out["final_loss"] = final["batch/loss"]
         out["counters"] = (trainer.engine.global_steps, trainer.engine.skipped_steps, trainer.step)
         latest = latest_checkpoint(ckpt_root)
         out["checkpoint"] = latest.name if latest else None

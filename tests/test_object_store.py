@@ -155,7 +155,7 @@ def test_killed_worker_resume_eval_export_with_checkpoints_only_in_the_bucket(s3
         assert run.info.status == "FINISHED" and run.data.tags["resume_kind"] == "manual"
         resumed = run.data.tags["checkpoint_uri"]
         assert resumed == f"s3://{BUCKET}/runs/ray/bucketed-resume1/step_00000006"
-        assert max(m.step for m in client.get_metric_history(summary.run_id, "loss")) == 6
+        assert max(m.step for m in client.get_metric_history(summary.run_id, "batch/loss")) == 6
     finally:
         ray.shutdown()
 

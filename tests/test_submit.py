@@ -309,5 +309,5 @@ def test_tiny_main_job_through_submit_sh_is_tracked_in_mlflow(local_cluster, tmp
     experiment = client.get_experiment_by_name("dist_tempnet")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "batch/loss")
     assert [m.step for m in losses] == [3, 6]

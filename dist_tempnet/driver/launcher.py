@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_tempnet import metric_names as names
 from dist_tempnet.config import Config, ConfigError
 from dist_tempnet.data.prepare import absolutize_paths, prepare_data, prepare_pretrained
 from dist_tempnet.driver.preflight import preflight
@@ -57,8 +58,8 @@ class RunSummary:
         out = [f"MLflow run id: {self.run_id or '(tracking disabled)'}"]
         if self.tracking_uri:
             out.append(f"MLflow tracking URI: {self.tracking_uri}")
-        if "loss" in m:
-            out.append(f"final loss: {m['loss']:.4f}")
+        if names.LOSS in m:
+            out.append(f"final loss: {m[names.LOSS]:.4f}")
         if "eval/zero_shot_acc" in m:
             chance = m.get("eval/zero_shot_chance", float("nan"))
             out.append(f"zero-shot accuracy (held-out): {m['eval/zero_shot_acc']:.3f} (chance {chance:.3f})")

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from dist_tempnet import metric_names as names
 from dist_tempnet.reporting.runs import RunRecord
 from dist_tempnet.reporting.table import _EVAL_COLUMNS, _final
 
@@ -94,15 +95,15 @@ def _legend(fig, axes: Sequence[Any]) -> None:
 
 
 def plot_loss(records: Sequence[RunRecord], style: Styler, path: Path) -> Path | None:
-    drawn = [r for r in records if _xy(r, "loss", "step")[0]]
+    drawn = [r for r in records if _xy(r, names.LOSS, "step")[0]]
     if not drawn:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for r in drawn:
-        few_points = len(r.histories["loss"]) < 20
+        few_points = len(r.histories[names.LOSS]) < 20
         ax.plot(
-            *_xy(r, "loss", "step"),
+            *_xy(r, names.LOSS, "step"),
             label=f"{r.label} [{r.status}]" if r.status != "FINISHED" else r.label,
             markersize=4,
             **style(r, marker=few_points),
@@ -122,9 +123,9 @@ def plot_loss(records: Sequence[RunRecord], style: Styler, path: Path) -> Path |
 
 
 def _eval_keys(records: Sequence[RunRecord]) -> list[str]:
-    keys = {k for r in records for k, pts in r.histories.items() if k.startswith("eval/") and pts}
-    keys.discard("eval/zero_shot_chance")
-    order = [f"eval/{k}" for k, _, _ in _EVAL_COLUMNS]
+    keys = {k for r in records for k, pts in r.histories.items() if k.startswith(names.EVAL) and pts}
+    keys.discard(f"{names.EVAL}zero_shot_chance")
+    order = [f"{names.EVAL}{k}" for k, _, _ in _EVAL_COLUMNS]
     return [k for k in order if k in keys] + sorted(keys - set(order))
 
 
@@ -185,8 +186,8 @@ def plot_eval(records: Sequence[RunRecord], style: Styler, path: Path, x: str) -
 def _tau_sides(records: Sequence[RunRecord]) -> list[tuple[str, str]]:
     """(title, metric prefix) pairs: image/text TempNets when logged, else the overall τ."""
     has = {k for r in records for k in r.histories}
-    sides = [(s, f"tau/{s}_") for s in ("image", "text") if f"tau/{s}_mean" in has]
-    return sides or ([("τ", "tau/")] if "tau/mean" in has else [])
+    sides = [(s, f"{names.TAU_SIDE}{s}_") for s in ("image", "text") if f"{names.TAU_SIDE}{s}_mean" in has]
+    return sides or ([("τ", names.TAU)] if f"{names.TAU}mean" in has else [])
 
 
 def plot_tau_over_steps(records: Sequence[RunRecord], style: Styler, path: Path) -> Path | None:

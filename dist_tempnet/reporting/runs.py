@@ -9,13 +9,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dist_tempnet import metric_names as names
+
 COMPARISON_TAG = "dist_tempnet.comparison"
 SWEEP_TAG = "dist_tempnet.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 MISSING = "-"
 
 # Metrics whose whole history is fetched (for plots and throughput); the rest use the final value.
-_HISTORY_PREFIXES = ("loss", "tau/", "eval/", "samples_per_s", "tokens_per_s")
+_HISTORY_PREFIXES = (names.LOSS, names.TAU, names.TAU_SIDE, names.EVAL, names.THROUGHPUT)
 # Params that differ between the seeds of one configuration, or that only name/locate the run:
 # ignored when deciding which runs are repeats of the same configuration.
 _NOT_CONFIG_PARAMS = (
@@ -153,7 +155,9 @@ _RECALL_SPELLING = re.compile(r"recall(?:@|_at_?|_|-|\.)(\d+)$")
 
 
 def canonical_metric_name(key: str) -> str:
-    return _RECALL_SPELLING.sub(r"recall@\1", key)
+    """The name compare uses for a stored metric: recall@k, and a name logged before the layout of
+    metric_names.py (e.g. `loss`, `samples_per_s`) under its current one, so older runs compare too."""
+    return _RECALL_SPELLING.sub(r"recall@\1", names.renamed(key) or key)
 
 
 def mlflow_metric_name(key: str) -> str:

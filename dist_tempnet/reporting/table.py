@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from dist_tempnet import metric_names as names
 from dist_tempnet.reporting.runs import _NOT_CONFIG_PARAMS, MISSING, PARENT_TAG, RunRecord
 
 # ---------------------------------------------------------------------------------------------
@@ -50,9 +51,14 @@ def last_step(record: RunRecord) -> int | None:
     steps = [
         pts[-1][0]
         for key, pts in record.histories.items()
-        if pts and (key == "loss" or key.startswith("tau/"))
+        if pts and (key == names.LOSS or key.startswith(names.TAU))
     ]
     return max(steps) if steps else None
+
+
+def _tau_keys(stat: str) -> tuple[str, ...]:
+    """The LM's tau/<stat> and CLIP's per-side train/tau/image_<stat>, train/tau/text_<stat>."""
+    return (f"{names.TAU}{stat}", f"{names.TAU_SIDE}image_{stat}", f"{names.TAU_SIDE}text_{stat}")
 
 
 def _tau_extreme(record: RunRecord, keys: tuple[str, ...], pick: Callable[..., float]) -> float | None:
@@ -61,10 +67,11 @@ def _tau_extreme(record: RunRecord, keys: tuple[str, ...], pick: Callable[..., f
 
 
 def tau_mean(record: RunRecord) -> float | None:
-    overall = _final(record, "tau/mean")
+    overall = _final(record, f"{names.TAU}mean")
     if overall is not None:
         return overall
-    sides = [v for v in (_final(record, "tau/image_mean"), _final(record, "tau/text_mean")) if v is not None]
+    sides = [_final(record, f"{names.TAU_SIDE}{side}_mean") for side in ("image", "text")]
+    sides = [v for v in sides if v is not None]
     return statistics.fmean(sides) if sides else None
 
 
@@ -124,7 +131,7 @@ COLUMNS: list[Column] = [
         "samples_per_s",
         "samples/s",
         ".1f",
-        lambda r: throughput(r, "samples_per_s"),
+        lambda r: throughput(r, names.per_s("samples")),
         always=False,
         aggregate=True,
     ),
@@ -132,13 +139,15 @@ COLUMNS: list[Column] = [
         "tokens_per_s",
         "tokens/s",
         ".1f",
-        lambda r: throughput(r, "tokens_per_s"),
+        lambda r: throughput(r, names.per_s("tokens")),
         always=False,
         aggregate=True,
     ),
-    Column("loss", "loss", ".4f", _metric("loss"), aggregate=True),
+    Column("loss", "loss", ".4f", _metric(names.LOSS), aggregate=True),
     *[
-        Column(key, title, fmt, _metric(f"eval/{key}"), always=False, aggregate=key != "zero_shot_chance")
+        Column(
+            key, title, fmt, _metric(f"{names.EVAL}{key}"), always=False, aggregate=key != "zero_shot_chance"
+        )
         for key, title, fmt in _EVAL_COLUMNS
     ],
     Column("tau_mean", "tau_mean", ".4g", tau_mean, aggregate=True),
@@ -146,21 +155,21 @@ COLUMNS: list[Column] = [
         "tau_min",
         "tau_min",
         ".4g",
-        lambda r: _tau_extreme(r, ("tau/min", "tau/image_min", "tau/text_min"), min),
+        lambda r: _tau_extreme(r, _tau_keys("min"), min),
         aggregate=True,
     ),
     Column(
         "tau_max",
         "tau_max",
         ".4g",
-        lambda r: _tau_extreme(r, ("tau/max", "tau/image_max", "tau/text_max"), max),
+        lambda r: _tau_extreme(r, _tau_keys("max"), max),
         aggregate=True,
     ),
     Column(  # the last trained samples' τ vs their class frequency: iSogCLR's τ has no held-out value
         "train_tau_freq_spearman",
         "rho_tau_freq_train",
         ".3f",
-        _metric("train_tau/freq_spearman_image"),
+        _metric(f"{names.TRAIN_TAU}freq_spearman_image"),
         always=False,
         aggregate=True,
     ),

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from dist_tempnet import comm
+from dist_tempnet import metric_names as names
 from dist_tempnet.config import Config, config_from_dict
 from dist_tempnet.runtime.checkpoint import CheckpointSink, checkpoint_bytes, make_sink
 from dist_tempnet.runtime.checkpoint.restore import checked_meta, load_into, needs_universal, universal_copy
@@ -106,11 +107,11 @@ class ProgressLine:
     def show(self, step: int, metrics: dict[str, float], elapsed: float, steps_done: int) -> None:
         if not self.enabled:
             return
-        rate = metrics.get(f"{self.unit}_per_s", 0.0)
+        rate = metrics.get(names.per_s(self.unit), 0.0)
         eta = elapsed / max(1, steps_done) * (self.total - step)
-        tau = metrics.get("tau/mean", metrics.get("tau/image_mean", float("nan")))
+        tau = metrics.get(f"{names.TAU}mean", float("nan"))
         logger.info(
-            f"step {step}/{self.total} | loss {metrics.get('loss', float('nan')):.4f} | "
+            f"step {step}/{self.total} | loss {metrics.get(names.LOSS, float('nan')):.4f} | "
             f"tau {tau:.4f} | {rate:,.0f} {self.unit}/s | eta {_fmt_eta(eta)}",
         )
 
@@ -321,9 +322,9 @@ class Trainer:
                 rate = window_units * self.world / max(elapsed_window, 1e-9)
                 logged = self._reduce_metrics(metrics)
                 logged.update(sched)
-                logged.update({f"lr/{k}": v for k, v in group_lrs(self.engine).items()})
-                logged[f"{self.task.unit}_per_s"] = rate
-                logged[f"{self.task.unit}_per_s_per_worker"] = rate / self.world
+                logged.update({f"{names.LR}{k}": v for k, v in group_lrs(self.engine).items()})
+                logged[names.per_s(self.task.unit)] = rate
+                logged[names.per_s_per_worker(self.task.unit)] = rate / self.world
                 logged["nonfinite_skipped"] = float(self.nonfinite_skipped)
                 logged.update(self._data_metrics())
                 self.tracker.log_metrics(logged, self.step)
@@ -400,7 +401,7 @@ class Trainer:
             if self.rank == 0:
                 logger.warning(message)
             self.tracker.set_tags({"data_warning": message})
-        return {"data/skipped_samples": lost, "data/skipped_shards": total["skipped_shards"]}
+        return {names.SKIPPED_SAMPLES: lost, names.SKIPPED_SHARDS: total["skipped_shards"]}
 
     def _on_nonfinite(self) -> None:
         if self.rank == 0:
@@ -502,6 +503,6 @@ def train_worker(spec: dict[str, Any] | WorkerSpec) -> dict[str, float]:
     sink = make_sink(cfg, spec)
     trainer = Trainer(cfg, spec, sink)
     final = trainer.fit()
-    if not math.isfinite(final.get("loss", 0.0)):
-        raise NonFiniteLossError(f"final loss is not finite: {final.get('loss')}")
+    if not math.isfinite(final.get(names.LOSS, 0.0)):
+        raise NonFiniteLossError(f"final loss is not finite: {final.get(names.LOSS)}")
     return final

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dist_tempnet import metric_names as names
 from dist_tempnet.config import Config
 from dist_tempnet.data import clip_batches, eval_batches, load_text_tokenizer, resolve_manifest
 from dist_tempnet.data.collate import normalize_pixels, pin_memory_for
@@ -360,21 +361,28 @@ def clip_step_metrics(
     stats: dict[str, torch.Tensor | float],
 ) -> dict[str, torch.Tensor | float]:
     """One micro-step's metrics as device tensors: no host sync; the loop syncs at log_every.
-    Each quantity once: τ statistics are the tau/* here, γ is logged by before_step (with its
+    Each quantity once: τ statistics are the tau/* and train/tau/* here, γ is logged by before_step (with its
     schedule), ρ is a constant (a param)."""
-    metrics: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
+    metrics: dict[str, torch.Tensor | float] = {names.LOSS: loss.detach()}
     metrics.update(_tau_stats(image_tau, "image"))
     metrics.update(_tau_stats(text_tau, "text"))
-    metrics["tau/mean"] = 0.5 * (metrics["tau/image_mean"] + metrics["tau/text_mean"])
-    metrics.update({k if "/" in k else f"loss/{k}": v for k, v in stats.items() if not _logged_elsewhere(k)})
+    side = names.TAU_SIDE
+    metrics[f"{names.TAU}mean"] = 0.5 * (metrics[f"{side}image_mean"] + metrics[f"{side}text_mean"])
+    internals = {
+        k if "/" in k else f"{names.LOSS_INTERNALS}{k}": v
+        for k, v in stats.items()
+        if not _logged_elsewhere(k)
+    }
+    metrics.update(internals)
     return metrics
 
 
 def _tau_stats(tau: torch.Tensor | None, side: str) -> dict[str, torch.Tensor | float]:
     if tau is None or tau.numel() == 0:
-        return {f"tau/{side}_mean": float("nan")}
+        return {f"{names.TAU_SIDE}{side}_mean": float("nan")}
     t = tau.detach().float()
-    return {f"tau/{side}_mean": t.mean(), f"tau/{side}_min": t.min(), f"tau/{side}_max": t.max()}
+    p = f"{names.TAU_SIDE}{side}_"
+    return {f"{p}mean": t.mean(), f"{p}min": t.min(), f"{p}max": t.max()}
 
 
 def loss_kwargs(cfg: Config, embed_dim: int) -> dict[str, Any]:

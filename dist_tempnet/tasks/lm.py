@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dist_tempnet import comm
+from dist_tempnet import metric_names as names
 from dist_tempnet.config import Config
 from dist_tempnet.data import eval_batches, load_text_tokenizer, resolve_manifest, token_batches
 from dist_tempnet.data.collate import pin_memory_for
@@ -166,7 +167,7 @@ def lm_step_metrics(
     No host sync (no .item(), boolean-mask indexing or data-dependent branch): the training loop
     accumulates these and syncs once per log_every.
     """
-    metrics: dict[str, torch.Tensor] = {"loss": loss.detach()}
+    metrics: dict[str, torch.Tensor] = {names.LOSS: loss.detach()}
     if tau is None:
         return metrics, None
     valid = labels.reshape(-1) != -100
