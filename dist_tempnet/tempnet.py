@@ -150,12 +150,7 @@ class CLIPTempNet(_TempNet):
         self.num_prototypes = num_prototypes
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
-        # Centered prototypes (the paper draws them N(0, 1) uncentered): x = σ(W e) ≈ 0.5 for every
-        # input at init, so p_k = x·P̂_k carries 0.5·Σ P̂_k, a per-prototype constant 25× larger than
-        # the input-dependent part, and the same prototype wins the readout for every input (τ can
-        # then only move as a whole). With Σ P̂_k = 0 that constant drops out of the softmax.
-        prototypes = torch.randn(num_prototypes, embed_dim)
-        self.prototypes = nn.Parameter((prototypes - prototypes.mean(dim=1, keepdim=True)) / embed_dim**0.5)
+        self.prototypes = nn.Parameter(torch.randn(num_prototypes, embed_dim) / embed_dim**0.5)
         self.readout = _Readout(num_prototypes, tau_min, tau_max, readout_temperature)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
