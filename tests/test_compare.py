@@ -422,7 +422,7 @@ def test_sweep_parent_children_and_table(monkeypatch, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_sweep_end_to_end(tmp_path):
+def test_sweep_end_to_end(tmp_path, monkeypatch, capsys):
     import os
     import subprocess
     import sys
@@ -482,12 +482,10 @@ def test_sweep_end_to_end(tmp_path):
     assert all(0.005 <= float(r["tau_min"]) and float(r["tau_max"]) <= 0.05 for r in tempnet_runs)
     for png in ("loss_vs_step.png", "eval_vs_step.png", "tau_vs_step.png", "tau_histograms.png"):
         assert (tmp_path / "cmp" / png).read_bytes()[:8] == PNG_MAGIC
-    again = subprocess.run(
-        [sys.executable, "-m", "dist_tempnet.commands.cli", "compare", "--no-plots"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert again.returncode == 0 and again.stdout.count("FINISHED") == 4, again.stderr[-2000:]
+    # `compare` with no arguments, in this process (no second interpreter to import torch): the store
+    # of the working directory.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    capsys.readouterr()
+    assert cli.main(["compare", "--no-plots"]) == 0
+    assert capsys.readouterr().out.count("FINISHED") == 4
