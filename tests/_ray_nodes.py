@@ -75,8 +75,6 @@ class Node:
 class RayNodes:
     def __init__(self, root: Path, start_timeout: float = 180.0) -> None:
         self.root = Path(root)
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
         self.start_timeout = start_timeout
         self.nodes: list[Node] = []  # those that came up (the head first)
         self._started: list[Node] = []  # every `ray start`, failed attempts included
@@ -89,6 +87,13 @@ class RayNodes:
         # Every process of the cluster (Ray workers inherit the raylet's environment) knows its
         # cluster: Ray's helpers that take no address (Ray Train's placement-group cleaner) would
         # otherwise stumble on the other Ray instances of this machine.
+        self._use_port(free_port())
+
+    def _use_port(self, port: int) -> None:
+        """The head's GCS port. A port found free can be taken by someone else before `ray start`
+        binds it, so every attempt to start the head picks a fresh one."""
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
         self.env["RAY_ADDRESS"] = self.address
 
     def _start(self, name: str, args: list[str]) -> Node:
@@ -110,18 +115,22 @@ class RayNodes:
     def start_head(self) -> Node:
         """The head (GCS, no CPUs); this process joins it as the driver (`ray.init`), so the driver
         and Ray Train's controller (placed on the driver's node) live on the head."""
-        head_args = [
-            "--head",
-            f"--port={self.port}",
-            "--num-cpus=0",
-            f"--temp-dir={self.root / 'ray'}",
-            # As on a real head: Ray Train's placement-group cleaner asks the dashboard's State API.
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-        ]
-        head = self._start_until_up("head", lambda name: head_args, lambda name: self._join())
+
+        def head_args(name: str) -> list[str]:
+            self._use_port(free_port())
+            return [
+                "--head",
+                f"--port={self.port}",
+                "--num-cpus=0",
+                f"--temp-dir={self.root / 'ray'}",
+                # As on a real head: Ray Train's placement-group cleaner asks the dashboard's State API.
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+            ]
+
+        head = self._start_until_up("head", head_args, lambda name: self._join())
         (head.node_id,) = self._alive_node_ids()
         return head
 
