@@ -107,12 +107,14 @@ LM_COLUMNS = (
 def clip_value(metrics: dict[str, float], key: str) -> float | None:
     """A CLIP column's value; τ columns take the held-out TempNet τ when there is one, else the
     τ of the last trained samples (iSogCLR), else the global τ (InfoNCE)."""
+    from dist_tempnet import metric_names as names
+
     if key.startswith("tau_p"):
         q = key.removeprefix("tau_")
         for name in (f"eval/tau_image_{q}", f"train_tau/image_{q}"):
             if name in metrics:
                 return metrics[name]
-        return metrics.get("train/tau/image_mean")
+        return metrics.get(f"{names.TAU_SIDE}image_mean")
     if key == "tau_freq_spearman":
         return metrics.get("eval/tau_freq_spearman_image", metrics.get("train_tau/freq_spearman_image"))
     return metrics.get(key)

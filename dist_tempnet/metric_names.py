@@ -50,6 +50,11 @@ RENAMED = {
     "tokens_per_s_per_worker": per_s_per_worker("tokens"),
     "data/skipped_samples": SKIPPED_SAMPLES,
     "data/skipped_shards": SKIPPED_SHARDS,
+    **{
+        f"tau/{side}_{stat}": f"{TAU_SIDE}{side}_{stat}"
+        for side in ("image", "text")
+        for stat in ("mean", "min", "max")
+    },
 }
 RENAMED_PREFIXES = {"lr/": LR, "loss/": LOSS_INTERNALS}
 
@@ -58,10 +63,6 @@ def renamed(name: str) -> str | None:
     """The current name of a metric logged under `name` before this layout, or None if not renamed."""
     if name in RENAMED:
         return RENAMED[name]
-    for side in ("image", "text"):
-        for stat in ("mean", "min", "max"):
-            if name == f"tau/{side}_{stat}":
-                return f"{TAU_SIDE}{side}_{stat}"
     for old, new in RENAMED_PREFIXES.items():
         if name.startswith(old):
             return new + name.removeprefix(old)
